@@ -1,0 +1,327 @@
+"""Reading and checking Zeshel, the token windows, and the encodings all three scripts share.
+
+Zeshel layout (SPEC 1): `DATA/documents/<world>.json` and `DATA/mentions/<split>.json`, JSON lines.
+The window functions are pure functions of token lists (no tokenizer, no model), so a test can
+call them with hand-made lists; `encode_*` turn mentions and entities into padded id tensors.
+"""
+import json
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from utils import MENTION_END, MENTION_START, TITLE_END, die
+
+SPLITS = ("train", "heldout_train_seen", "heldout_train_unseen", "val", "test")
+MENTION_FIELDS = ("mention_id", "context_document_id", "label_document_id", "start_index",
+                  "end_index", "text", "corpus")
+DOCUMENT_FIELDS = ("document_id", "title", "text")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking
+
+def read_jsonl(path, fields, flag):
+    """Rows of a JSON-lines file; a malformed line or a missing field stops the run naming
+    file and line."""
+    if not os.path.isfile(path):
+        die(f"{flag}: missing file {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path}:{lineno}: malformed JSON ({e.msg})")
+            if not isinstance(row, dict):
+                die(f"{path}:{lineno}: expected a JSON object")
+            missing = [k for k in fields if k not in row]
+            if missing:
+                die(f"{path}:{lineno}: missing field {missing[0]!r}")
+            row["_line"] = lineno
+            rows.append(row)
+    return rows
+
+
+class EntitySet:
+    """The entities of a split: every document of every world occurring in its mentions.
+
+    Worlds are sorted by name and documents kept in file order, so an entity's index (its position
+    here) is the same on every run. `world_ranges[w] = (start, end)`: world w's entities are the
+    indices start..end-1.
+    """
+
+    def __init__(self, worlds, documents):
+        self.worlds = sorted(worlds)
+        self.doc_ids, self.titles, self.texts, self.world_ids = [], [], [], []
+        self.world_ranges = OrderedDict()
+        for w_i, world in enumerate(self.worlds):
+            start = len(self.doc_ids)
+            for doc_id, doc in documents[world].items():
+                self.doc_ids.append(doc_id)
+                self.titles.append(doc["title"])
+                self.texts.append(doc["text"])
+                self.world_ids.append(w_i)
+            self.world_ranges[world] = (start, len(self.doc_ids))
+        self.index = {(self.worlds[w], d): i for i, (w, d) in enumerate(zip(self.world_ids, self.doc_ids))}
+        self.world_ids = np.asarray(self.world_ids, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.doc_ids)
+
+    def world_of(self, i):
+        return self.worlds[self.world_ids[i]]
+
+    def gold_indices(self, mentions):
+        """Entity index of each mention's label document, (M,) int64."""
+        return np.asarray([self.index[(m["corpus"], m["label_document_id"])] for m in mentions],
+                          dtype=np.int64)
+
+
+class Zeshel:
+    """A Zeshel folder: the mentions of the requested splits and the documents of their worlds.
+
+    Every mention is checked: its world's document file exists, its context and label documents
+    are in that world, and 0 <= start_index <= end_index < number of whitespace tokens of the
+    context text. Errors name the file and line and end the run with status 2.
+    """
+
+    def __init__(self, data_dir, splits=("train", "val", "test"), flag="--data_dir"):
+        if not data_dir:
+            die(f"{flag}: no Zeshel folder given")
+        if not os.path.isdir(data_dir):
+            die(f"{flag}: {data_dir} is not a folder")
+        self.data_dir = data_dir
+        for sub in ("documents", "mentions"):
+            if not os.path.isdir(os.path.join(data_dir, sub)):
+                die(f"{flag}: {data_dir} has no {sub}/ folder (expected the Zeshel layout)")
+        for split in splits:
+            if split not in SPLITS:
+                die(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
+        self.mentions = {}
+        for split in splits:
+            path = os.path.join(data_dir, "mentions", f"{split}.json")
+            self.mentions[split] = read_jsonl(path, MENTION_FIELDS, flag)
+            for m in self.mentions[split]:
+                m["_file"] = path
+        worlds = sorted({m["corpus"] for ms in self.mentions.values() for m in ms})
+        self.documents = {}
+        for world in worlds:
+            path = os.path.join(data_dir, "documents", f"{world}.json")
+            if not os.path.isfile(path):
+                first = next(m for ms in self.mentions.values() for m in ms if m["corpus"] == world)
+                die(f"{first['_file']}:{first['_line']}: world {world!r} has no document file {path}")
+            docs = OrderedDict()
+            for row in read_jsonl(path, DOCUMENT_FIELDS, flag):
+                if row["document_id"] in docs:
+                    die(f"{path}:{row['_line']}: duplicate document_id {row['document_id']!r}")
+                docs[row["document_id"]] = {"title": str(row["title"]), "text": str(row["text"])}
+            self.documents[world] = docs
+        self._ntokens = {}
+        for ms in self.mentions.values():
+            for m in ms:
+                self._check_mention(m)
+        self._entities = {}
+
+    def _check_mention(self, m):
+        where = f"{m['_file']}:{m['_line']}"
+        docs = self.documents[m["corpus"]]
+        for key in ("context_document_id", "label_document_id"):
+            if m[key] not in docs:
+                die(f"{where}: {key} {m[key]!r} is not a document of world {m['corpus']!r}")
+        try:
+            m["start_index"], m["end_index"] = int(m["start_index"]), int(m["end_index"])
+        except (TypeError, ValueError):
+            die(f"{where}: start_index and end_index must be integers")
+        key = (m["corpus"], m["context_document_id"])
+        if key not in self._ntokens:
+            self._ntokens[key] = len(docs[m["context_document_id"]]["text"].split())
+        n = self._ntokens[key]
+        if not 0 <= m["start_index"] <= m["end_index"] < n:
+            die(f"{where}: mention tokens {m['start_index']}..{m['end_index']} are outside its "
+                f"context document ({n} tokens) or start after they end")
+
+    def context_tokens(self, m):
+        """Whitespace tokens of a mention's context document."""
+        return self.documents[m["corpus"]][m["context_document_id"]]["text"].split()
+
+    def entities(self, split):
+        """The EntitySet of a split (built once, then reused)."""
+        if split not in self._entities:
+            worlds = {m["corpus"] for m in self.mentions[split]}
+            self._entities[split] = EntitySet(worlds, self.documents)
+        return self._entities[split]
+
+
+def read_candidates(cands_dir, split, mentions, flag="--cands_dir"):
+    """`CANDS_DIR/candidates_<split>.json` as {mention_id: [document ids, best first]}; stops when
+    the file or one of the split's mentions is missing."""
+    path = os.path.join(cands_dir, f"candidates_{split}.json")
+    rows = read_jsonl(path, ("mention_id", "candidates"), flag)
+    cands = {}
+    for row in rows:
+        if not isinstance(row["candidates"], list):
+            die(f"{path}:{row['_line']}: 'candidates' must be a list of document ids")
+        cands[row["mention_id"]] = [str(c) for c in row["candidates"]]
+    for m in mentions:
+        if m["mention_id"] not in cands:
+            die(f"{path}: no candidates for mention {m['mention_id']} "
+                f"({m['_file']}:{m['_line']})")
+    return cands
+
+
+# ----------------------------------------------------------------------------------------------
+# Token windows: pure functions of token (word-piece) lists
+
+def retriever_mention_window(left, mention, right, max_len):
+    """The retriever's mention window (SPEC 2), without [CLS]/[SEP].
+
+    >>> retriever_mention_window(list("abcdef"), ["M"], list("xyz"), 8)
+    ['f', '[unused0]', 'M', '[unused1]', 'x', 'y']
+    """
+    b = max_len - 2
+    if len(mention) > b - 2:
+        return list(mention[:b])
+    rest = b - len(mention) - 2
+    half = rest // 2
+    if len(left) > half:
+        n = half if len(right) > half else rest - len(right)
+        left = left[len(left) - n:]  # n may be 0: keep nothing (the original's left[-0:] kept all)
+    window = list(left) + [MENTION_START] + list(mention) + [MENTION_END] + list(right)
+    return window[:b]
+
+
+def retriever_entity_window(title, text, max_len):
+    """Title pieces + [unused2] + text pieces, cut to max_len - 2 (SPEC 2)."""
+    return (list(title) + [TITLE_END] + list(text))[:max_len - 2]
+
+
+def reranker_mention_budget(L):
+    return (L - 3) // 2
+
+
+def reranker_mention_window(left, mention, right, budget, inputmark=False):
+    """The reranker's mention window (SPEC 6), `budget` = (L - 3) // 2 pieces at most.
+
+    >>> reranker_mention_window(list("abcd"), ["M"], list("xy"), 5)
+    ['c', 'd', 'M', 'x', 'y']
+    """
+    if inputmark:
+        mention = [MENTION_START] + list(mention) + [MENTION_END]
+    if len(mention) >= budget:
+        return list(mention[:budget])
+    rest = budget - len(mention)
+    half = int(math.ceil(rest / 2))
+    if len(left) >= half:
+        n = half if len(right) >= half else rest - len(right)
+        left = left[len(left) - n:]
+    return (list(left) + list(mention) + list(right))[:budget]
+
+
+def reranker_pair(mention_ids, entity_ids, L, cls_id, sep_id, pad_id):
+    """`[CLS] mention [SEP] entity [SEP]` padded to L: (ids, token_type_ids, attention_mask),
+    token types 0 up to the first [SEP], 1 after. The entity part is cut to L - 3 - budget."""
+    budget = reranker_mention_budget(L)
+    mention_ids = list(mention_ids[:budget])
+    entity_ids = list(entity_ids[:L - 3 - budget])
+    first = [cls_id] + mention_ids + [sep_id]
+    second = entity_ids + [sep_id]
+    ids = first + second
+    types = [0] * len(first) + [1] * len(second)
+    mask = [1] * len(ids)
+    pad = L - len(ids)
+    return ids + [pad_id] * pad, types + [0] * pad, mask + [0] * pad
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing (batched, fast tokenizer)
+
+def _pieces(tokenizer, texts, batch_size=2048):
+    """Word-piece strings of each text, tokenized in batches by the fast tokenizer."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
+        out.extend(tokenizer.convert_ids_to_tokens(ids) for ids in enc)
+    return out
+
+
+def prefix_pieces(tokenizer, texts, n_pieces, batch_size=2048):
+    """The first `n_pieces` word pieces of each text, identical to tokenizing the whole text and
+    cutting: only a prefix of whitespace words is tokenized, and it is widened for the few texts
+    whose prefix gives too few pieces (words that tokenize to nothing)."""
+    words = [t.split() for t in texts]
+    out = [None] * len(texts)
+    todo = list(range(len(texts)))
+    width = max(1, n_pieces)
+    while todo:
+        pieces = _pieces(tokenizer, [" ".join(words[i][:width]) for i in todo], batch_size)
+        again = []
+        for i, p in zip(todo, pieces):
+            if len(p) >= n_pieces or len(words[i]) <= width:
+                out[i] = p[:n_pieces]
+            else:
+                again.append(i)
+        todo, width = again, width * 2
+    return out
+
+
+def _pad(rows, max_len, pad_id):
+    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)  # (N, L)
+    mask = torch.zeros((len(rows), max_len), dtype=torch.long)        # (N, L)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def mention_contexts(zeshel, mentions, width):
+    """(left, mention, right) whitespace strings of each mention, `width` words each side."""
+    out = []
+    for m in mentions:
+        tokens = zeshel.context_tokens(m)
+        s, e = m["start_index"], m["end_index"]
+        out.append((" ".join(tokens[max(0, s - width):s]), " ".join(tokens[s:e + 1]),
+                    " ".join(tokens[e + 1:e + 1 + width])))
+    return out
+
+
+def encode_mentions(tokenizer, zeshel, mentions, max_len):
+    """Retriever mention windows as `[CLS] window [SEP]` padded ids and masks, (M, max_len) each."""
+    b = max_len - 2
+    ctx = mention_contexts(zeshel, mentions, b + 1)
+    left, mention, right = (_pieces(tokenizer, [c[i] for c in ctx]) for i in range(3))
+    rows = [tokenizer.convert_tokens_to_ids(
+        [tokenizer.cls_token] + retriever_mention_window(l, m, r, max_len) + [tokenizer.sep_token])
+        for l, m, r in zip(left, mention, right)]
+    return _pad(rows, max_len, tokenizer.pad_token_id)
+
+
+def encode_entities(tokenizer, entities, max_len):
+    """Retriever entity windows `[CLS] title [unused2] text [SEP]` padded, (E, max_len) each."""
+    titles = _pieces(tokenizer, list(entities.titles))
+    texts = prefix_pieces(tokenizer, list(entities.texts), max_len - 2)
+    rows = [tokenizer.convert_tokens_to_ids(
+        [tokenizer.cls_token] + retriever_entity_window(t, x, max_len) + [tokenizer.sep_token])
+        for t, x in zip(titles, texts)]
+    return _pad(rows, max_len, tokenizer.pad_token_id)
+
+
+def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):
+    """Each mention's reranker window as a list of ids (no special tokens)."""
+    budget = reranker_mention_budget(L)
+    ctx = mention_contexts(zeshel, mentions, budget)
+    left, mention, right = (_pieces(tokenizer, [c[i] for c in ctx]) for i in range(3))
+    return [tokenizer.convert_tokens_to_ids(reranker_mention_window(l, m, r, budget, inputmark))
+            for l, m, r in zip(left, mention, right)]
+
+
+def reranker_entity_ids(tokenizer, texts, L):
+    """Each entity's reranker prefix as a list of ids: the first words of its text (not the
+    title), word-piece tokenized, cut to the entity budget L - 3 - (L - 3) // 2."""
+    n = L - 3 - reranker_mention_budget(L)
+    words = [" ".join(t.split()[:n]) for t in texts]
+    return [tokenizer.convert_tokens_to_ids(p[:n]) for p in _pieces(tokenizer, words)]
