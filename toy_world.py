@@ -31,7 +31,7 @@ def pseudo_words(rng, n, syllables):
     return sorted(words)
 
 
-def make_world(rng, world, names, topics, n_entities=24, n_shared=8, topic_size=6, refs=3):
+def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size=6, refs=2):
     """Documents and mentions of one world. Returns (documents, mentions)."""
     base = rng.sample(names, n_entities - n_shared)
     entity_names = base + base[:n_shared]  # the first n_shared names are used twice
