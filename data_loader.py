@@ -325,3 +325,34 @@ def reranker_entity_ids(tokenizer, texts, L):
     n = L - 3 - reranker_mention_budget(L)
     words = [" ".join(t.split()[:n]) for t in texts]
     return [tokenizer.convert_tokens_to_ids(p[:n]) for p in _pieces(tokenizer, words)]
+
+
+# ----------------------------------------------------------------------------------------------
+# `python data_loader.py --data_dir DATA`: check a Zeshel folder and print what it holds.
+
+def summary_lines(zeshel):
+    lines = [f"{'split':<22}{'worlds':>7}{'entities':>10}{'mentions':>10}"]
+    for split, mentions in zeshel.mentions.items():
+        entities = zeshel.entities(split)
+        lines.append(f"{split:<22}{len(entities.worlds):>7}{len(entities):>10}{len(mentions):>10}")
+    return lines
+
+
+def main(argv=None):
+    import argparse
+    from utils import cli_main
+
+    @cli_main
+    def run():
+        parser = argparse.ArgumentParser(description="Check a Zeshel folder and summarise it.")
+        parser.add_argument("--data_dir", required=True, help="Zeshel folder (documents/, mentions/)")
+        parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits")
+        args = parser.parse_args(argv)
+        zeshel = Zeshel(args.data_dir, [s for s in args.splits.split(",") if s])
+        print("\n".join(summary_lines(zeshel)))
+        print(f"{args.data_dir}: all mentions check out")
+    run()
+
+
+if __name__ == "__main__":
+    main()

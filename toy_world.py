@@ -89,6 +89,8 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2):
 
     import torch
     from transformers import BertConfig, BertModel
+    from utils import quiet_transformers
+    quiet_transformers()
     os.makedirs(bert_dir, exist_ok=True)
     vocab = SPECIAL + FILLER + names + topics
     with open(os.path.join(bert_dir, "vocab.txt"), "w") as f:

@@ -306,10 +306,19 @@ def _offline_hint(name):
             f"local cache (offline? pass a local model folder with --pretrained)")
 
 
+def quiet_transformers():
+    """No weight-loading progress bars or advisory warnings from transformers: our own bars and
+    log say what is happening."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(name, flag="--pretrained"):
     """The fast tokenizer of `name` (a folder or hub name) with the three marker tokens registered
     as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
     from transformers import AutoTokenizer
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception:
@@ -322,6 +331,7 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
     """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
     embeddings resized when the tokenizer had to add the marker tokens."""
     from transformers import AutoModel
+    quiet_transformers()
     try:
         model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
     except Exception:
