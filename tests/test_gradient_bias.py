@@ -16,9 +16,9 @@ SMALL = ["--num_labels", "100", "--dim", "64", "--lr", "0.01", "--seed", "2", "-
 @pytest.mark.parametrize("replacement", [False, True])
 def test_draw_negatives_exclude_the_gold(replacement):
     torch.manual_seed(0)
-    gold = torch.tensor([0, 3, 5])
-    negatives = draw_negatives(torch.rand(6), gold, 5 if not replacement else 8, 50, replacement)
-    assert negatives.shape == (3, 50, 5 if not replacement else 8)
+    gold, k = torch.tensor([0, 3, 5]), 8 if replacement else 5
+    negatives = draw_negatives(torch.rand(6), gold, k, 50, replacement)
+    assert negatives.shape == (3, 50, k)
     assert not (negatives == gold.view(3, 1, 1)).any()
     if not replacement:  # 5 distinct negatives out of 5 non-gold labels: all of them
         assert (negatives.sort(-1).values == torch.tensor([[1, 2, 3, 4, 5], [0, 1, 2, 4, 5],
