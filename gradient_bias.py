@@ -34,13 +34,14 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from utils import atomic_open
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
 # to about 64 MB of float32 whatever N and monte_carlo are.
@@ -238,22 +239,6 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def write_atomically(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot(result, folder):
     """Draw gradient_bias_loss.png and gradient_bias_bias.png into `folder`; returns their paths."""
     import matplotlib
@@ -284,7 +269,8 @@ def plot(result, folder):
         ax.legend()
         fig.tight_layout()
         path = os.path.join(folder, name)
-        write_atomically(path, lambda f: fig.savefig(f, format="png"))
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -377,8 +363,8 @@ def main(argv=None):
               f"(speed-up x{timing['speedup']:.0f}, median per step)", end="")
     print()
     if args.out:
-        text = json.dumps(result, indent=1).encode()
-        write_atomically(args.out, lambda f: f.write(text))
+        with atomic_open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
         print(f"wrote {args.out}")
     if args.plot:
         for path in plot(result, args.plot):
