@@ -177,8 +177,9 @@ def read_candidates(cands_dir, split, mentions, flag="--cands_dir"):
 # ----------------------------------------------------------------------------------------------
 # Token windows: pure functions of token (word-piece) lists
 
-def retriever_mention_window(left, mention, right, max_len):
-    """The retriever's mention window (SPEC 2), without [CLS]/[SEP].
+def retriever_mention_window(left, mention, right, max_len, start=MENTION_START, end=MENTION_END):
+    """The retriever's mention window (SPEC 2), without [CLS]/[SEP]. The pieces may be strings or
+    ids; `start` and `end` are the markers, in the same kind.
 
     >>> retriever_mention_window(list("abcdef"), ["M"], list("xyz"), 8)
     ['f', '[unused0]', 'M', '[unused1]', 'x', 'y']
@@ -191,27 +192,28 @@ def retriever_mention_window(left, mention, right, max_len):
     if len(left) > half:
         n = half if len(right) > half else rest - len(right)
         left = left[len(left) - n:]  # n may be 0: keep nothing (the original's left[-0:] kept all)
-    window = list(left) + [MENTION_START] + list(mention) + [MENTION_END] + list(right)
+    window = list(left) + [start] + list(mention) + [end] + list(right)
     return window[:b]
 
 
-def retriever_entity_window(title, text, max_len):
+def retriever_entity_window(title, text, max_len, title_end=TITLE_END):
     """Title pieces + [unused2] + text pieces, cut to max_len - 2 (SPEC 2)."""
-    return (list(title) + [TITLE_END] + list(text))[:max_len - 2]
+    return (list(title) + [title_end] + list(text))[:max_len - 2]
 
 
 def reranker_mention_budget(L):
     return (L - 3) // 2
 
 
-def reranker_mention_window(left, mention, right, budget, inputmark=False):
+def reranker_mention_window(left, mention, right, budget, inputmark=False, start=MENTION_START,
+                            end=MENTION_END):
     """The reranker's mention window (SPEC 6), `budget` = (L - 3) // 2 pieces at most.
 
     >>> reranker_mention_window(list("abcd"), ["M"], list("xy"), 5)
     ['c', 'd', 'M', 'x', 'y']
     """
     if inputmark:
-        mention = [MENTION_START] + list(mention) + [MENTION_END]
+        mention = [start] + list(mention) + [end]
     if len(mention) >= budget:
         return list(mention[:budget])
     rest = budget - len(mention)
@@ -240,25 +242,26 @@ def reranker_pair(mention_ids, entity_ids, L, cls_id, sep_id, pad_id):
 # ----------------------------------------------------------------------------------------------
 # Tokenizing (batched, fast tokenizer)
 
-def _pieces(tokenizer, texts, batch_size=2048):
-    """Word-piece strings of each text, tokenized in batches by the fast tokenizer."""
+def _ids(tokenizer, texts, batch_size=4096):
+    """Word-piece ids of each text (no special tokens), tokenized in batches by the fast
+    tokenizer."""
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
-        out.extend(tokenizer.convert_ids_to_tokens(ids) for ids in enc)
+        out.extend(tokenizer(texts[i:i + batch_size], add_special_tokens=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"])
     return out
 
 
-def prefix_pieces(tokenizer, texts, n_pieces, batch_size=2048):
-    """The first `n_pieces` word pieces of each text, identical to tokenizing the whole text and
-    cutting: only a prefix of whitespace words is tokenized, and it is widened for the few texts
-    whose prefix gives too few pieces (words that tokenize to nothing)."""
+def prefix_ids(tokenizer, texts, n_pieces, batch_size=4096):
+    """The first `n_pieces` word-piece ids of each text, identical to tokenizing the whole text
+    and cutting: only a prefix of whitespace words is tokenized, and it is widened for the few
+    texts whose prefix gives too few pieces (words that tokenize to nothing)."""
     words = [t.split() for t in texts]
     out = [None] * len(texts)
     todo = list(range(len(texts)))
     width = max(1, n_pieces)
     while todo:
-        pieces = _pieces(tokenizer, [" ".join(words[i][:width]) for i in todo], batch_size)
+        pieces = _ids(tokenizer, [" ".join(words[i][:width]) for i in todo], batch_size)
         again = []
         for i, p in zip(todo, pieces):
             if len(p) >= n_pieces or len(words[i]) <= width:
@@ -269,13 +272,23 @@ def prefix_pieces(tokenizer, texts, n_pieces, batch_size=2048):
     return out
 
 
+def prefix_pieces(tokenizer, texts, n_pieces):
+    """`prefix_ids` as word-piece strings."""
+    return [tokenizer.convert_ids_to_tokens(p) for p in prefix_ids(tokenizer, texts, n_pieces)]
+
+
+def marker_ids(tokenizer):
+    """Ids of [unused0], [unused1], [unused2]."""
+    return tokenizer.convert_tokens_to_ids([MENTION_START, MENTION_END, TITLE_END])
+
+
 def _pad(rows, max_len, pad_id):
-    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)  # (N, L)
-    mask = torch.zeros((len(rows), max_len), dtype=torch.long)        # (N, L)
+    ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)   # (N, L)
+    mask = np.zeros((len(rows), max_len), dtype=np.int64)          # (N, L)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
-    return ids, mask
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def mention_contexts(zeshel, mentions, width):
@@ -289,33 +302,38 @@ def mention_contexts(zeshel, mentions, width):
     return out
 
 
+def _context_ids(tokenizer, zeshel, mentions, width):
+    ctx = mention_contexts(zeshel, mentions, width)
+    return (_ids(tokenizer, [c[i] for c in ctx]) for i in range(3))
+
+
 def encode_mentions(tokenizer, zeshel, mentions, max_len):
     """Retriever mention windows as `[CLS] window [SEP]` padded ids and masks, (M, max_len) each."""
-    b = max_len - 2
-    ctx = mention_contexts(zeshel, mentions, b + 1)
-    left, mention, right = (_pieces(tokenizer, [c[i] for c in ctx]) for i in range(3))
-    rows = [tokenizer.convert_tokens_to_ids(
-        [tokenizer.cls_token] + retriever_mention_window(l, m, r, max_len) + [tokenizer.sep_token])
-        for l, m, r in zip(left, mention, right)]
+    start, end, _ = marker_ids(tokenizer)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    left, mention, right = _context_ids(tokenizer, zeshel, mentions, max_len - 1)
+    rows = [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
+            for l, m, r in zip(left, mention, right)]
     return _pad(rows, max_len, tokenizer.pad_token_id)
 
 
 def encode_entities(tokenizer, entities, max_len):
     """Retriever entity windows `[CLS] title [unused2] text [SEP]` padded, (E, max_len) each."""
-    titles = _pieces(tokenizer, list(entities.titles))
-    texts = prefix_pieces(tokenizer, list(entities.texts), max_len - 2)
-    rows = [tokenizer.convert_tokens_to_ids(
-        [tokenizer.cls_token] + retriever_entity_window(t, x, max_len) + [tokenizer.sep_token])
-        for t, x in zip(titles, texts)]
+    title_end = marker_ids(tokenizer)[2]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    titles = _ids(tokenizer, list(entities.titles))
+    texts = prefix_ids(tokenizer, list(entities.texts), max_len - 2)
+    rows = [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
+            for t, x in zip(titles, texts)]
     return _pad(rows, max_len, tokenizer.pad_token_id)
 
 
 def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):
     """Each mention's reranker window as a list of ids (no special tokens)."""
+    start, end, _ = marker_ids(tokenizer)
     budget = reranker_mention_budget(L)
-    ctx = mention_contexts(zeshel, mentions, budget)
-    left, mention, right = (_pieces(tokenizer, [c[i] for c in ctx]) for i in range(3))
-    return [tokenizer.convert_tokens_to_ids(reranker_mention_window(l, m, r, budget, inputmark))
+    left, mention, right = _context_ids(tokenizer, zeshel, mentions, budget)
+    return [reranker_mention_window(l, m, r, budget, inputmark, start, end)
             for l, m, r in zip(left, mention, right)]
 
 
@@ -323,8 +341,7 @@ def reranker_entity_ids(tokenizer, texts, L):
     """Each entity's reranker prefix as a list of ids: the first words of its text (not the
     title), word-piece tokenized, cut to the entity budget L - 3 - (L - 3) // 2."""
     n = L - 3 - reranker_mention_budget(L)
-    words = [" ".join(t.split()[:n]) for t in texts]
-    return [tokenizer.convert_tokens_to_ids(p[:n]) for p in _pieces(tokenizer, words)]
+    return [p[:n] for p in _ids(tokenizer, [" ".join(t.split()[:n]) for t in texts])]
 
 
 # ----------------------------------------------------------------------------------------------
