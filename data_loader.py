@@ -256,15 +256,15 @@ def prefix_ids(tokenizer, texts, n_pieces, batch_size=4096):
     """The first `n_pieces` word-piece ids of each text, identical to tokenizing the whole text
     and cutting: only a prefix of whitespace words is tokenized, and it is widened for the few
     texts whose prefix gives too few pieces (words that tokenize to nothing)."""
-    words = [t.split() for t in texts]
     out = [None] * len(texts)
     todo = list(range(len(texts)))
     width = max(1, n_pieces)
     while todo:
-        pieces = _ids(tokenizer, [" ".join(words[i][:width]) for i in todo], batch_size)
+        words = [texts[i].split(None, width) for i in todo]  # the first `width` words, + the rest
+        pieces = _ids(tokenizer, [" ".join(w[:width]) for w in words], batch_size)
         again = []
-        for i, p in zip(todo, pieces):
-            if len(p) >= n_pieces or len(words[i]) <= width:
+        for i, w, p in zip(todo, words, pieces):
+            if len(p) >= n_pieces or len(w) <= width:
                 out[i] = p[:n_pieces]
             else:
                 again.append(i)
@@ -341,7 +341,7 @@ def reranker_entity_ids(tokenizer, texts, L):
     """Each entity's reranker prefix as a list of ids: the first words of its text (not the
     title), word-piece tokenized, cut to the entity budget L - 3 - (L - 3) // 2."""
     n = L - 3 - reranker_mention_budget(L)
-    return [p[:n] for p in _ids(tokenizer, [" ".join(t.split()[:n]) for t in texts])]
+    return [p[:n] for p in _ids(tokenizer, [" ".join(t.split(None, n)[:n]) for t in texts])]
 
 
 # ----------------------------------------------------------------------------------------------
