@@ -127,8 +127,8 @@ def amp_dtype(fp16=False, bf16=False, device=None, log=None):
 
 
 def autocast(device, dtype):
-    """One autocast context for the whole forward pass (a no-op when dtype is None)."""
-    if dtype is None:
+    """One autocast context for the whole forward pass (a no-op for None or float32)."""
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
