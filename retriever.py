@@ -1,0 +1,556 @@
+"""The retriever (SPEC 3-5): the four scorers, the two encoders with optional learned codes, the
+negatives, and streaming top-k scoring of mentions against a whole entity set.
+
+Everything that `main_retriever.py` and `save_candidates.py` share lives here, once:
+
+- scorers: `dual_scores`, `multi_vector_scores`, `sum_of_max_scores`, `poly_scores`. Each is a pure
+  function of the dot products g[..., i, j] = <u_i, v_j> between a mention's vectors u and an
+  entity's vectors v, over any leading dimensions. `paired_interactions` gives g for each mention's
+  own candidates (training), `all_pairs_interactions` for every mention against every entity by one
+  matrix product (evaluation, mining, candidates); both feed the same scorer.
+- `Retriever`: mention encoder + entity encoder (a copy of the first at the start), `CodeAttention`,
+  the training loss over [gold] + negatives with label 0, and `adjust_negative_scores`.
+- negatives: `candidate_counts`, `sample_random_negatives`, `training_candidates`,
+  `mine_hard_negatives` (top-k, or a sample from softmax(smoothing * scores) through `GumbelTopK`).
+- `stream_scores`: entities are encoded chunk by chunk, scored against every mention, folded into
+  running top-k lists (`TopK`, `GumbelTopK`) and dropped. The vectors of a whole entity set are
+  never held, so `--store_en_hiddens` / `--en_hidden_path` (the original wrote them to disk,
+  65 GB for 332,632 entities x 128 vectors) have nothing to store: they are accepted and ignored.
+- `encode_split`, `recall_table`, `ranking_entry`: a split's tensors and its metrics.
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data_loader import encode_entities, encode_mentions
+from utils import autocast, load_encoder, load_tokenizer, progress
+
+TYPE_MODELS = ("dual", "multi_vector", "poly", "sum_max")
+TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
+PRE_MODELS = {"Bert": "bert-base-uncased", "Roberta": "roberta-base"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorers: pure functions of the dot products g = <u_i, v_j>, shape (..., m, n) -> (...) float32
+
+def paired_interactions(u, v):
+    """Dot products of each mention's vectors with those of its own candidates.
+
+    u: (B, m, d) mention vectors, v: (B, C, n, d) candidate vectors -> (B, C, m, n).
+    """
+    return torch.einsum("bmd,bcnd->bcmn", u, v)
+
+
+def all_pairs_interactions(u, v):
+    """Dot products of every mention vector with every entity vector, as one matrix product.
+
+    u: (M, m, d), v: (E, n, d) -> (M, E, m, n), a view of an (M, m, E, n) product in u's dtype:
+    M * m * E * n elements, so callers pass blocks sized to a memory budget (see stream_scores).
+
+    >>> all_pairs_interactions(torch.ones(2, 3, 4), torch.ones(5, 6, 4)).shape
+    torch.Size([2, 5, 3, 6])
+    """
+    M, m, d = u.shape
+    E, n, _ = v.shape
+    return (u.reshape(M * m, d) @ v.reshape(E * n, d).T).view(M, m, E, n).transpose(1, 2)
+
+
+def dual_scores(g):
+    """`dual`: s = <u_1, v_1>.  g: (..., m, n) -> (...) float32.
+
+    >>> dual_scores(torch.tensor([[[2., 5.], [7., 1.]]]))
+    tensor([2.])
+    """
+    return g[..., 0, 0].float()
+
+
+def multi_vector_scores(g):
+    """`multi_vector`: s = max_j <u_1, v_j>.  g: (..., m, n) -> (...) float32.
+
+    >>> multi_vector_scores(torch.tensor([[[2., 5.], [7., 1.]]]))
+    tensor([5.])
+    """
+    return g[..., 0, :].amax(-1).float()
+
+
+def sum_of_max_scores(g):
+    """`sum_max`: s = sum_i max_j <u_i, v_j>.  g: (..., m, n) -> (...) float32.
+
+    The maxima are taken in g's dtype (bf16/fp16 under mixed precision) and summed in float32, so
+    near scores stay distinct.
+
+    >>> sum_of_max_scores(torch.tensor([[[2., 5.], [7., 1.]]]))
+    tensor([12.])
+    """
+    return g.amax(-1).float().sum(-1)
+
+
+def poly_scores(g):
+    """`poly`: each entity vector v_j attends over the mention vectors, a_j = sum_i
+    softmax_i(<v_j, u_i>) u_i, and s = sum_j <a_j, v_j> = sum_j sum_i softmax_i(g_ij) g_ij.
+    g: (..., m, n) -> (...) float32 (three float32 copies of g in memory).
+
+    >>> poly_scores(torch.tensor([[[1., 0.], [1., 0.]]]))
+    tensor([1.])
+    """
+    g = g.float()
+    return (g.softmax(-2) * g).sum((-2, -1))
+
+
+SCORERS = {"dual": dual_scores, "multi_vector": multi_vector_scores, "sum_max": sum_of_max_scores,
+           "poly": poly_scores}
+
+
+def vector_counts(type_model, num_mention_vecs, num_entity_vecs):
+    """(m, n): how many vectors the mention and entity sides give for a scorer (SPEC 3).
+
+    >>> vector_counts("multi_vector", 8, 16)
+    (1, 16)
+    """
+    return {"dual": (1, 1), "multi_vector": (1, num_entity_vecs),
+            "sum_max": (num_mention_vecs, num_entity_vecs),
+            "poly": (num_mention_vecs, num_entity_vecs)}[type_model]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class CodeAttention(nn.Module):
+    """Learned code vectors (hidden size, init normal with std `initializer_range`), each attending
+    over a sequence's token states with padding masked, giving one vector per code."""
+
+    def __init__(self, num_codes, hidden_size, initializer_range):
+        super().__init__()
+        self.codes = nn.Parameter(torch.empty(num_codes, hidden_size))  # (k, d)
+        nn.init.normal_(self.codes, std=initializer_range)
+
+    def forward(self, hidden, mask):
+        """hidden: (B, L, d) token states, mask: (B, L) 1 for tokens -> (B, k, d)."""
+        logits = torch.einsum("kd,bld->bkl", self.codes, hidden).float()  # (B, k, L)
+        logits = logits.masked_fill(mask[:, None, :] == 0, float("-inf"))
+        return torch.einsum("bkl,bld->bkd", logits.softmax(-1).to(hidden.dtype), hidden)
+
+
+def adjust_negative_scores(scores, log_q):
+    """`hard_adjusted_negative` (SPEC 4): subtract log(K q) from each negative's score, K the
+    number of negatives; the gold (column 0) is left as it is.
+    scores: (B, 1 + K), log_q: (B, K) log-probabilities of the sampled negatives -> (B, 1 + K).
+
+    >>> adjust_negative_scores(torch.tensor([[1., 2., 3.]]), torch.log(torch.tensor([[.5, .25]])))
+    tensor([[1.0000, 2.0000, 3.6931]])
+    """
+    K = log_q.shape[1]
+    return torch.cat([scores[:, :1], scores[:, 1:] - (math.log(K) + log_q)], 1)
+
+
+class Retriever(nn.Module):
+    """Two encoders of one pretrained model; the entity encoder starts as a copy of the mention
+    encoder. Without codes a side's vectors are the first m (n) token states, padding included
+    (as the original); with codes, `CodeAttention` over all tokens. The encoders' pooler is
+    dropped: it is never used, and an unused parameter would stall DistributedDataParallel."""
+
+    def __init__(self, encoder, type_model, num_mention_vecs, num_entity_vecs,
+                 mention_use_codes=False, entity_use_codes=False):
+        super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
+        self.mention_encoder = encoder
+        self.entity_encoder = copy.deepcopy(encoder)
+        self.type_model = type_model
+        self.scorer = SCORERS[type_model]
+        self.m, self.n = vector_counts(type_model, num_mention_vecs, num_entity_vecs)
+        d, std = encoder.config.hidden_size, encoder.config.initializer_range
+        self.mention_codes = CodeAttention(self.m, d, std) if mention_use_codes else None
+        self.entity_codes = CodeAttention(self.n, d, std) if entity_use_codes else None
+
+    @staticmethod
+    def _vectors(encoder, codes, count, ids, mask):
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+        return codes(hidden, mask) if codes is not None else hidden[:, :count]
+
+    def mention_vectors(self, ids, mask):
+        """ids, mask: (B, L) -> (B, m, d)."""
+        return self._vectors(self.mention_encoder, self.mention_codes, self.m, ids, mask)
+
+    def entity_vectors(self, ids, mask):
+        """ids, mask: (B, L) -> (B, n, d)."""
+        return self._vectors(self.entity_encoder, self.entity_codes, self.n, ids, mask)
+
+    def forward(self, mention_ids, mention_mask, cand_ids, cand_mask, log_q=None):
+        """The training loss of each mention over its candidates, gold first (label 0).
+
+        mention_ids, mention_mask: (B, L); cand_ids, cand_mask: (B, 1 + K, L), all B (1 + K)
+        candidate windows encoded in one forward; log_q: (B, K) or None (`hard_adjusted_negative`).
+        Returns (B,) float32 cross-entropies (per mention, so DataParallel can gather them).
+        """
+        B, C, L = cand_ids.shape
+        u = self.mention_vectors(mention_ids, mention_mask)                        # (B, m, d)
+        v = self.entity_vectors(cand_ids.view(B * C, L), cand_mask.view(B * C, L))
+        scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))  # (B, 1 + K)
+        if log_q is not None:
+            scores = adjust_negative_scores(scores, log_q)
+        return F.cross_entropy(scores, torch.zeros(B, dtype=torch.long, device=scores.device),
+                               reduction="none")
+
+
+def pretrained_name(pre_model, pretrained=None):
+    """`--pretrained` when given, else the model `--pre_model` stands for."""
+    return pretrained or PRE_MODELS[pre_model]
+
+
+def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
+                   mention_use_codes=False, entity_use_codes=False):
+    """(tokenizer, Retriever) built from a pretrained folder or hub name."""
+    tokenizer = load_tokenizer(pretrained)
+    encoder = load_encoder(pretrained, tokenizer)
+    return tokenizer, Retriever(encoder, type_model, num_mention_vecs, num_entity_vecs,
+                                mention_use_codes, entity_use_codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Negatives
+
+def candidate_counts(type_cands, num_cands, cands_ratio):
+    """(num_rands, num_hards) per mention (SPEC 4): mixed_negative draws int(C r) at random and
+    mines the rest; hard_negative / hard_adjusted_negative sample all C; random_negative none.
+
+    >>> candidate_counts("mixed_negative", 64, 0.5), candidate_counts("hard_negative", 64, 0.5)
+    ((32, 32), (0, 64))
+    """
+    if type_cands == "mixed_negative":
+        num_rands = int(num_cands * cands_ratio)
+        return num_rands, num_cands - num_rands
+    if type_cands == "random_negative":
+        return num_cands, 0
+    return 0, num_cands
+
+
+def sample_random_negatives(golds, num_entities, num, generator=None):
+    """For each gold, `num` entities drawn uniformly without replacement from all but the gold.
+
+    golds: (B,) int64 -> (B, num) int64. Draws from the E - 1 other indices (shifting those at or
+    above the gold by one); rows with a repeat are redrawn whole, which keeps the draw uniform over
+    distinct tuples; when repeats would be common (num^2 > E - 1) a random permutation is cut.
+    """
+    B, others = golds.shape[0], num_entities - 1
+    if num == 0:
+        return torch.empty(B, 0, dtype=torch.long)
+    if num * num > others:
+        draws = torch.rand(B, others, generator=generator).argsort(1)[:, :num]
+    else:
+        draws = torch.randint(others, (B, num), generator=generator)
+        while True:
+            ordered = draws.sort(1).values
+            repeat = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+            if not repeat.any():
+                break
+            draws[repeat] = torch.randint(others, (int(repeat.sum()), num), generator=generator)
+    return draws + (draws >= golds[:, None]).long()
+
+
+def training_candidates(golds, num_entities, num_rands, hard=None, generator=None):
+    """Candidates of a batch, SPEC 4: [gold] + fresh random negatives + mined ones.
+
+    golds: (B,), hard: (B, H) or None -> (B, 1 + num_rands + H) entity indices, gold at 0.
+    """
+    parts = [golds[:, None], sample_random_negatives(golds, num_entities, num_rands, generator)]
+    if hard is not None:
+        parts.append(hard)
+    return torch.cat(parts, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running top-k over streamed score chunks
+
+def _gather_cat(tensor, rt):
+    """Each process's (M, k) tensor, concatenated along dim 1 over processes: (M, P k)."""
+    parts = [torch.empty_like(tensor) for _ in range(rt.world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, 1)
+
+
+class TopK:
+    """The running top-k entities of each of M mentions, fed chunk by chunk.
+
+    `values` (M, k) float32 best first, `indices` (M, k) int64 entity indices, and an optional
+    `payload` (M, k) carried along with the values. With `mention_worlds` (M,) a mention takes only
+    the scores of entities of its own world (how candidates rank); without it, all (the pooled
+    ranking over a split, as the original's recall).
+    """
+
+    def __init__(self, num_mentions, k, mention_worlds=None, device="cpu", payload=False):
+        self.k = k
+        self.mention_worlds = None if mention_worlds is None else mention_worlds.to(device)
+        self.values = torch.full((num_mentions, k), float("-inf"), device=device)
+        self.indices = torch.full((num_mentions, k), -1, dtype=torch.long, device=device)
+        self.payload = torch.zeros(num_mentions, k, device=device) if payload else None
+
+    def update(self, rows, scores, first, world=None, payload=None):
+        """rows: (R,) mention indices, scores: (R, c) float32 against entities first..first+c-1."""
+        if self.mention_worlds is not None:
+            keep = self.mention_worlds[rows] == world
+            if not keep.all():
+                rows, scores = rows[keep], scores[keep]
+                payload = None if payload is None else payload[keep]
+        top = scores.topk(min(self.k, scores.shape[1]), dim=1)
+        values = torch.cat([self.values[rows], top.values], 1)
+        indices = torch.cat([self.indices[rows], top.indices + first], 1)
+        payloads = None if self.payload is None else torch.cat(
+            [self.payload[rows], payload.gather(1, top.indices)], 1)
+        self._keep(rows, values, indices, payloads)
+
+    def _keep(self, rows, values, indices, payloads):
+        best = values.topk(self.k, dim=1)
+        self.values[rows] = best.values
+        self.indices[rows] = indices.gather(1, best.indices)
+        if payloads is not None:
+            self.payload[rows] = payloads.gather(1, best.indices)
+
+    def merge(self, rt):
+        """Under torchrun: merge the processes' lists (their shards of the entities)."""
+        if rt is None or not rt.distributed:
+            return
+        rows = torch.arange(self.values.shape[0], device=self.values.device)
+        self._keep(rows, _gather_cat(self.values, rt), _gather_cat(self.indices, rt),
+                   None if self.payload is None else _gather_cat(self.payload, rt))
+
+
+class GumbelTopK:
+    """A sample of k entities per mention from softmax(smoothing * scores), streamed.
+
+    The top k of smoothing * s + Gumbel noise is an exact sample without replacement from
+    softmax(smoothing * s); a running logsumexp gives each pick's log-probability log q. A mention
+    with fewer than k non-zero probabilities (float32, as softmax gives them) is sampled with
+    replacement instead, from its raw top k, which hold all its non-zero probabilities.
+    """
+
+    def __init__(self, num_mentions, k, smoothing, generator, device="cpu"):
+        self.k, self.smoothing, self.generator = k, smoothing, generator
+        self.perturbed = TopK(num_mentions, k, device=device, payload=True)  # payload: smoothing*s
+        self.raw = TopK(num_mentions, k, device=device)
+        self.lse = torch.full((num_mentions,), float("-inf"), device=device)
+
+    def update(self, rows, scores, first, world=None):
+        t = torch.where(scores.isneginf(), scores, self.smoothing * scores)  # (R, c), 0 * -inf
+        # Gumbel noise -log(Exp(1)), drawn in float64 so that an exponential draw of exactly 0
+        # (an infinite key) is practically impossible even over 10^10 draws.
+        gumbel = -torch.empty(t.shape, dtype=torch.float64, device=t.device).exponential_(
+            generator=self.generator).log().float()
+        self.perturbed.update(rows, t + gumbel, first, payload=t)
+        self.raw.update(rows, t, first)
+        self.lse[rows] = torch.logaddexp(self.lse[rows], t.logsumexp(1))
+
+    def merge(self, rt):
+        self.perturbed.merge(rt)
+        self.raw.merge(rt)
+        if rt is not None and rt.distributed:
+            self.lse = _gather_cat(self.lse[:, None], rt).logsumexp(1)
+
+    def sample(self):
+        """(indices, log_q), each (M, k)."""
+        indices = self.perturbed.indices.clone()
+        log_q = self.perturbed.payload - self.lse[:, None]
+        raw_log_q = self.raw.values - self.lse[:, None]                   # (M, k)
+        few = (raw_log_q.exp() > 0).sum(1) < self.k
+        if few.any():
+            pick = torch.multinomial(raw_log_q[few].exp(), self.k, replacement=True,
+                                     generator=self.generator)
+            indices[few] = self.raw.indices[few].gather(1, pick)
+            log_q[few] = raw_log_q[few].gather(1, pick)
+        return indices, log_q
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and streaming
+
+@torch.no_grad()
+def encode_vectors(fn, ids, mask, batch_size, device, dtype=None, quiet=True, desc=None):
+    """fn(ids, mask) over batches -> (N, count, d) on `device`, kept in the autocast dtype when
+    mixed precision is on (else float32). The caller puts the model in eval mode."""
+    out = []
+    starts = range(0, ids.shape[0], batch_size)
+    for s in progress(starts, desc=desc, disable=quiet or desc is None):
+        with autocast(device, dtype):
+            vecs = fn(ids[s:s + batch_size].to(device, non_blocking=True),
+                      mask[s:s + batch_size].to(device, non_blocking=True))
+        out.append(vecs.to(dtype or torch.float32))
+    return torch.cat(out)
+
+
+def entity_chunks(world_ranges, chunk_size, rank=0, world_size=1):
+    """[(start, end, world)] chunks of at most `chunk_size` entities, never straddling a world,
+    covering this process's contiguous share of the entities.
+
+    >>> entity_chunks([(0, 5), (5, 8)], 2)
+    [(0, 2, 0), (2, 4, 0), (4, 5, 0), (5, 7, 1), (7, 8, 1)]
+    >>> entity_chunks([(0, 5), (5, 8)], 2, rank=1, world_size=2)
+    [(4, 5, 0), (5, 7, 1), (7, 8, 1)]
+    """
+    total = world_ranges[-1][1] if world_ranges else 0
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    chunks = []
+    for world, (start, end) in enumerate(world_ranges):
+        start, end = max(start, lo), min(end, hi)
+        chunks += [(s, min(s + chunk_size, end), world) for s in range(start, end, chunk_size)]
+    return chunks
+
+
+@torch.no_grad()
+def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, consumers, *,
+                  entity_bsz, device, dtype=None, exclude=None, rt=None, budget=None,
+                  quiet=True, desc="scoring"):
+    """Score mentions against a whole entity set without holding its vectors.
+
+    mention_vecs: (M, m, d) on `device`; entity_ids, entity_mask: (E, L) on the CPU (pinned for
+    speed on a GPU), ordered by world, `world_ranges` [(start, end)] per world. Entities are encoded
+    `entity_bsz` at a time with `model.entity_vectors` (chunks never straddle a world), scored with
+    `model.scorer` in blocks of mentions of at most `budget` dot products (M_b x m x E_c x n
+    elements of the vectors' dtype, sums in float32), folded into each consumer (`TopK`,
+    `GumbelTopK`: `update(rows, scores, first, world)`) and dropped. When every consumer ranks per
+    world, a chunk is scored against its own world's mentions only. `exclude` (M,): an entity per
+    mention whose score is set to -inf (`--exclude_golds`). Under torchrun each process scores its
+    contiguous share of the entities and the consumers are merged at the end.
+    """
+    world_size, rank = (rt.world_size, rt.rank) if rt is not None else (1, 0)
+    if budget is None:
+        budget = 2 ** 29 if device.type == "cuda" else 2 ** 24
+    M, m = mention_vecs.shape[:2]
+    all_rows = torch.arange(M, device=device)
+    per_world = all(getattr(c, "mention_worlds", None) is not None for c in consumers)
+    if exclude is not None:
+        exclude = exclude.to(device)
+    for start, end, world in progress(entity_chunks(world_ranges, entity_bsz, rank, world_size),
+                                      desc=desc, disable=quiet):
+        v = encode_vectors(model.entity_vectors, entity_ids[start:end], entity_mask[start:end],
+                           end - start, device, dtype)                  # (c, n, d)
+        rows = all_rows[consumers[0].mention_worlds == world] if per_world else all_rows
+        block = max(1, budget // ((end - start) * m * v.shape[1]))
+        for r in rows.split(block):
+            scores = model.scorer(all_pairs_interactions(mention_vecs[r], v))  # (R, c) float32
+            if exclude is not None:
+                col = exclude[r] - start
+                hit = (col >= 0) & (col < end - start)
+                scores[hit.nonzero()[:, 0], col[hit]] = float("-inf")
+            for consumer in consumers:
+                consumer.update(r, scores, start, world)
+    for consumer in consumers:
+        consumer.merge(rt)
+    return consumers
+
+
+def mine_hard_negatives(model, mention_ids, mention_mask, entity_ids, entity_mask, golds, num, *,
+                        sample=False, smoothing_value=1.0, exclude_golds=False, generator=None,
+                        mention_bsz=512, entity_bsz=512, device, dtype=None, rt=None, quiet=True):
+    """Hard negatives of every mention against all entities of its split (pooled, SPEC 4).
+
+    Returns (hard (M, num) int64 on the CPU, log_q (M, num) float32 or None): the `num` top-scoring
+    entities (`mixed_negative`), or with `sample` a draw from softmax(smoothing_value * scores)
+    without replacement (with replacement where fewer than `num` probabilities are non-zero) and
+    each draw's log-probability. `exclude_golds`: the gold's score is -inf first. `generator`:
+    a torch.Generator on `device` for the Gumbel noise.
+    """
+    model.eval()
+    u = encode_vectors(model.mention_vectors, mention_ids, mention_mask, mention_bsz, device,
+                       dtype, quiet, "mentions")
+    M = u.shape[0]
+    consumer = (GumbelTopK(M, num, smoothing_value, generator, device) if sample
+                else TopK(M, num, device=device))
+    stream_scores(model, u, entity_ids, entity_mask, [(0, entity_ids.shape[0])], [consumer],
+                  entity_bsz=entity_bsz, device=device, dtype=dtype,
+                  exclude=golds if exclude_golds else None, rt=rt, quiet=quiet, desc="mining")
+    if sample:
+        hard, log_q = consumer.sample()
+        return hard.cpu(), log_q.cpu()
+    return consumer.indices.cpu(), None
+
+
+# ----------------------------------------------------------------------------------------------
+# A split's tensors, its rankings and metrics
+
+@dataclass
+class SplitData:
+    """A split encoded for the retriever: token ids (CPU) and entity bookkeeping."""
+    entities: object           # data_loader.EntitySet
+    mention_ids: torch.Tensor  # (M, L)
+    mention_mask: torch.Tensor  # (M, L)
+    entity_ids: torch.Tensor   # (E, L)
+    entity_mask: torch.Tensor  # (E, L)
+    golds: torch.Tensor        # (M,) entity index of each mention's label document
+    mention_worlds: torch.Tensor  # (M,) index into entities.worlds
+
+    @property
+    def world_ranges(self):
+        return list(self.entities.world_ranges.values())
+
+
+def encode_split(tokenizer, zeshel, split, max_len, pin=False):
+    mentions = zeshel.mentions[split]
+    entities = zeshel.entities(split)
+    world_index = {w: i for i, w in enumerate(entities.worlds)}
+    tensors = [*encode_mentions(tokenizer, zeshel, mentions, max_len),
+               *encode_entities(tokenizer, entities, max_len)]
+    if pin:
+        tensors = [t.pin_memory() for t in tensors]
+    return SplitData(entities, *tensors, torch.from_numpy(entities.gold_indices(mentions)),
+                     torch.tensor([world_index[m["corpus"]] for m in mentions], dtype=torch.long))
+
+
+@torch.no_grad()
+def rank_split(model, data, k, *, pooled=True, per_world=True, mention_bsz=512, entity_bsz=512,
+               device, dtype=None, rt=None, quiet=True):
+    """Top-k entity indices of every mention of a split, (M, k) each: pooled over all the split's
+    entities (or None) and within the mention's own world (or None), from one streaming pass."""
+    model.eval()
+    u = encode_vectors(model.mention_vectors, data.mention_ids, data.mention_mask, mention_bsz,
+                       device, dtype, quiet, "mentions")
+    M = u.shape[0]
+    consumers = {}
+    if pooled:
+        consumers["pooled"] = TopK(M, k, device=device)
+    if per_world:
+        consumers["per_world"] = TopK(M, k, data.mention_worlds, device=device)
+    stream_scores(model, u, data.entity_ids, data.entity_mask, data.world_ranges,
+                  list(consumers.values()), entity_bsz=entity_bsz, device=device, dtype=dtype,
+                  rt=rt, quiet=quiet, desc="entities")
+    return (consumers["pooled"].indices.cpu() if pooled else None,
+            consumers["per_world"].indices.cpu() if per_world else None)
+
+
+def hits(ranked, golds, k):
+    """(M,) bool: the gold among the first k of each ranking. ranked: (M, >=k), golds: (M,)."""
+    return (ranked[:, :k] == golds[:, None]).any(1)
+
+
+def percent(x):
+    return 100.0 * float(x.float().mean()) if x.numel() else 0.0
+
+
+def recall_table(ranked, golds, mention_worlds, worlds, ks):
+    """Recall@k (percent) per world, their macro average (every world counts) and micro average
+    (pooled over mentions). ranked: (M, >= max ks) per-world rankings."""
+    per_world = {}
+    for w, world in enumerate(worlds):
+        sel = mention_worlds == w
+        per_world[world] = {"mentions": int(sel.sum()),
+                            **{f"recall@{k}": percent(hits(ranked[sel], golds[sel], k)) for k in ks}}
+    macro = {f"recall@{k}": float(np.mean([r[f"recall@{k}"] for r in per_world.values()]))
+             for k in ks}
+    micro = {f"recall@{k}": percent(hits(ranked, golds, k)) for k in ks}
+    return {"per_world": per_world, "macro": macro, "micro": micro}
+
+
+def ranking_entry(pooled, per_world, data, k, epoch):
+    """A results entry: recall@k and top-1 accuracy pooled over the split's entities (the
+    original's numbers), and per world, with macro and micro averages of the per-world recall."""
+    table = recall_table(per_world, data.golds, data.mention_worlds, data.entities.worlds, (1, k))
+    key = f"recall@{k}"
+    return {"epoch": epoch, key: percent(hits(pooled, data.golds, k)),
+            "accuracy": percent(hits(pooled, data.golds, 1)),
+            "per_world": {w: {key: r[key], "accuracy": r["recall@1"], "mentions": r["mentions"]}
+                          for w, r in table["per_world"].items()},
+            f"macro_{key}": table["macro"][key], f"micro_{key}": table["micro"][key]}

@@ -1,0 +1,325 @@
+"""The retriever's pure parts: scorers against brute-force loops, learned codes, the training
+loss, streaming top-k against scoring everything at once, and the negatives."""
+import doctest
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retriever
+from retriever import (SCORERS, CodeAttention, GumbelTopK, Retriever, TopK, adjust_negative_scores,
+                       all_pairs_interactions, candidate_counts, entity_chunks, mine_hard_negatives,
+                       paired_interactions, sample_random_negatives, stream_scores,
+                       training_candidates, vector_counts)
+
+CPU = torch.device("cpu")
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(retriever).failed == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Scorers
+
+def brute_force_score(type_model, u, v):
+    """The SPEC 3 formulas, one pair of (m, d) and (n, d) vector lists at a time."""
+    dot = lambda a, b: float(sum(x * y for x, y in zip(a.tolist(), b.tolist())))
+    if type_model == "dual":
+        return dot(u[0], v[0])
+    if type_model == "multi_vector":
+        return max(dot(u[0], vj) for vj in v)
+    if type_model == "sum_max":
+        return sum(max(dot(ui, vj) for vj in v) for ui in u)
+    total = 0.0  # poly: each v_j attends over the u_i
+    for vj in v:
+        logits = [dot(vj, ui) for ui in u]
+        z = sum(math.exp(x) for x in logits)
+        a_j = sum((math.exp(x) / z) * ui for x, ui in zip(logits, u))
+        total += dot(a_j, vj)
+    return total
+
+
+@pytest.mark.parametrize("type_model", ["dual", "multi_vector", "sum_max", "poly"])
+def test_scorers_equal_brute_force_all_pairs_and_paired(type_model):
+    g = torch.Generator().manual_seed(0)
+    m, n = vector_counts(type_model, 4, 3)
+    u = torch.randn(5, m, 6, generator=g, dtype=torch.float64)   # (M, m, d)
+    v = torch.randn(7, n, 6, generator=g, dtype=torch.float64)   # (E, n, d)
+    expected = torch.tensor([[brute_force_score(type_model, u[a], v[b]) for b in range(7)]
+                             for a in range(5)], dtype=torch.float64)
+    scorer = SCORERS[type_model]
+    assert torch.allclose(scorer(all_pairs_interactions(u, v)).double(), expected, atol=1e-4)
+    cands = torch.randint(7, (5, 3), generator=g)                # (M, C) each mention's candidates
+    paired = scorer(paired_interactions(u, v[cands]))            # (M, C)
+    assert torch.allclose(paired.double(), expected.gather(1, cands), atol=1e-4)
+
+
+def test_sum_of_max_accumulates_half_precision_maxima_in_float32():
+    g = torch.randn(3, 4, 64, 5).bfloat16()
+    s = SCORERS["sum_max"](g)
+    assert s.dtype == torch.float32
+    assert torch.equal(s, g.amax(-1).float().sum(-1))
+
+
+def test_code_attention_equals_brute_force_and_ignores_padding():
+    torch.manual_seed(0)
+    att = CodeAttention(3, 8, initializer_range=0.5)
+    assert att.codes.shape == (3, 8)
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = att(hidden, mask)
+    for b in range(2):
+        valid = [l for l in range(5) if mask[b, l]]
+        for k in range(3):
+            logits = torch.stack([att.codes[k] @ hidden[b, l] for l in valid])
+            expected = sum(w * hidden[b, l] for w, l in zip(logits.softmax(0), valid))
+            assert torch.allclose(out[b, k], expected, atol=1e-5)
+    changed = hidden.clone()
+    changed[0, 3:] = 100.0
+    assert torch.allclose(att(changed, mask)[0], out[0])
+
+
+def tiny_encoder(hidden=16):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    return BertModel(config)
+
+
+@pytest.mark.parametrize("codes", [False, True])
+def test_retriever_vectors_and_training_loss(codes):
+    model = Retriever(tiny_encoder(), "sum_max", 3, 2, mention_use_codes=codes,
+                      entity_use_codes=codes).eval()
+    assert model.mention_encoder.pooler is None
+    ids = torch.randint(40, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[:, 6:] = 0
+    u, v = model.mention_vectors(ids, mask), model.entity_vectors(ids, mask)
+    assert u.shape == (4, 3, 16) and v.shape == (4, 2, 16)
+    hidden = model.mention_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(u, model.mention_codes(hidden, mask) if codes else hidden[:, :3])
+    if not codes:  # the entity encoder starts as a copy of the mention encoder
+        assert torch.allclose(v, hidden[:, :2])
+
+    cand_ids = torch.randint(40, (2, 3, 8))                      # (B, 1 + K, L), gold first
+    cand_mask = torch.ones(2, 3, 8, dtype=torch.long)
+    cu = model.mention_vectors(ids[:2], mask[:2])
+    cv = model.entity_vectors(cand_ids.view(6, 8), cand_mask.view(6, 8)).view(2, 3, 2, 16)
+    scores = torch.tensor([[brute_force_score("sum_max", cu[b].double(), cv[b, c].double())
+                            for c in range(3)] for b in range(2)])
+    loss = model(ids[:2], mask[:2], cand_ids, cand_mask)
+    assert torch.allclose(loss, -scores.log_softmax(1)[:, 0].float(), atol=1e-4)
+    log_q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.3]]))
+    adjusted = scores.clone()
+    adjusted[:, 1:] -= torch.log(2 * log_q.exp().double())
+    loss_q = model(ids[:2], mask[:2], cand_ids, cand_mask, log_q)
+    assert torch.allclose(loss_q, -adjusted.log_softmax(1)[:, 0].float(), atol=1e-4)
+
+
+def test_adjusted_logits_are_score_minus_log_K_q():
+    scores = torch.randn(4, 6)
+    q = torch.rand(4, 5) * 0.2 + 0.01
+    adjusted = adjust_negative_scores(scores, q.log())
+    assert torch.equal(adjusted[:, 0], scores[:, 0])
+    assert torch.allclose(adjusted[:, 1:], scores[:, 1:] - torch.log(5 * q), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming top-k
+
+class TableModel(torch.nn.Module):
+    """A stand-in encoder: row ids[:, 0] of fixed mention / entity vector tables."""
+
+    def __init__(self, mention_table, entity_table, type_model="sum_max"):
+        super().__init__()
+        self.mention_table, self.entity_table = mention_table, entity_table
+        self.scorer = SCORERS[type_model]
+
+    def mention_vectors(self, ids, mask):
+        return self.mention_table[ids[:, 0]]
+
+    def entity_vectors(self, ids, mask):
+        return self.entity_table[ids[:, 0]]
+
+
+def row_ids(n):
+    return torch.arange(n)[:, None], torch.ones(n, 1, dtype=torch.long)
+
+
+WORLD_RANGES = [(0, 5), (5, 12), (12, 20)]
+
+
+def table_setup(type_model="sum_max", M=9, E=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m, n = vector_counts(type_model, 3, 4)
+    model = TableModel(torch.randn(M, m, 8, generator=g), torch.randn(E, n, 8, generator=g),
+                       type_model)
+    full = model.scorer(all_pairs_interactions(model.mention_table, model.entity_table))  # (M, E)
+    worlds = torch.randint(3, (M,), generator=g)
+    return model, full, worlds
+
+
+def world_masked(full, worlds):
+    out = torch.full_like(full, float("-inf"))
+    for w, (s, e) in enumerate(WORLD_RANGES):
+        out[worlds == w, s:e] = full[worlds == w, s:e]
+    return out
+
+
+@pytest.mark.parametrize("type_model", ["sum_max", "poly", "multi_vector", "dual"])
+@pytest.mark.parametrize("entity_bsz,budget", [(1, None), (3, None), (4, 12), (7, 1), (20, None)])
+def test_streamed_top_k_equals_scoring_everything_at_once(type_model, entity_bsz, budget):
+    model, full, worlds = table_setup(type_model)
+    ids, mask = row_ids(20)
+    k = 4
+    pooled, per_world = TopK(9, k), TopK(9, k, worlds)
+    stream_scores(model, model.mention_table, ids, mask, WORLD_RANGES, [pooled, per_world],
+                  entity_bsz=entity_bsz, device=CPU, budget=budget)
+    expected = full.topk(k, dim=1)
+    assert torch.equal(pooled.indices, expected.indices)
+    assert torch.allclose(pooled.values, expected.values)
+    expected_w = world_masked(full, worlds).topk(k, dim=1)
+    assert torch.equal(per_world.indices, expected_w.indices)
+    for i, w in enumerate(worlds.tolist()):   # every per-world candidate is of the mention's world
+        s, e = WORLD_RANGES[w]
+        assert ((per_world.indices[i] >= s) & (per_world.indices[i] < e)).all()
+    # per world only: the same ranking, each chunk scored against its own world's mentions
+    alone = TopK(9, k, worlds)
+    calls = []
+    model.scorer = lambda g: calls.append(g.shape[0]) or SCORERS[type_model](g)
+    stream_scores(model, model.mention_table, ids, mask, WORLD_RANGES, [alone],
+                  entity_bsz=entity_bsz, device=CPU, budget=budget)
+    assert torch.equal(alone.indices, expected_w.indices)
+    assert sum(calls) < 9 * len(entity_chunks(WORLD_RANGES, entity_bsz))
+
+
+def test_entity_chunks_shard_every_entity_once_within_worlds():
+    for size in (1, 3, 8):
+        for procs in (1, 2, 3):
+            chunks = [c for r in range(procs) for c in entity_chunks(WORLD_RANGES, size, r, procs)]
+            covered = [i for s, e, _ in chunks for i in range(s, e)]
+            assert covered == list(range(20))
+            for s, e, w in chunks:
+                assert WORLD_RANGES[w][0] <= s < e <= WORLD_RANGES[w][1] and e - s <= size
+
+
+# ----------------------------------------------------------------------------------------------
+# Negatives
+
+def test_candidate_counts():
+    assert candidate_counts("mixed_negative", 8, 0.5) == (4, 4)
+    assert candidate_counts("mixed_negative", 10, 0.25) == (2, 8)    # int(C r) random, rest hard
+    assert candidate_counts("mixed_negative", 8, 1.0) == (8, 0)
+    assert candidate_counts("hard_negative", 8, 0.5) == (0, 8)
+    assert candidate_counts("hard_adjusted_negative", 8, 0.5) == (0, 8)
+    assert candidate_counts("random_negative", 8, 0.0) == (8, 0)
+
+
+@pytest.mark.parametrize("E,num", [(50, 6), (12, 8), (9, 8)])
+def test_random_negatives_never_gold_distinct_and_uniform(E, num):
+    g = torch.Generator().manual_seed(0)
+    golds = torch.randint(E, (4000,), generator=g)
+    neg = sample_random_negatives(golds, E, num, g)
+    assert neg.shape == (4000, num)
+    assert not (neg == golds[:, None]).any()
+    assert ((neg >= 0) & (neg < E)).all()
+    assert (neg.sort(1).values[:, 1:] != neg.sort(1).values[:, :-1]).all()
+    fixed = sample_random_negatives(torch.full((20000,), 3), E, num, g)
+    freq = torch.bincount(fixed.flatten(), minlength=E).float() / 20000
+    assert freq[3] == 0
+    others = torch.cat([freq[:3], freq[4:]])
+    assert torch.allclose(others, torch.full_like(others, num / (E - 1)), atol=0.02)
+
+
+def test_training_candidates_gold_first_then_random_then_hard():
+    g = torch.Generator().manual_seed(0)
+    golds = torch.tensor([3, 7, 0])
+    hard = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    num_rands, num_hards = candidate_counts("mixed_negative", 8, 0.7)   # 5 random, 3 hard
+    cands = training_candidates(golds, 30, num_rands, hard, g)
+    assert cands.shape == (3, 1 + num_rands + num_hards)
+    assert torch.equal(cands[:, 0], golds)
+    assert not (cands[:, 1:1 + num_rands] == golds[:, None]).any()
+    assert torch.equal(cands[:, 1 + num_rands:], hard)
+
+
+def mine(model, golds, num, **kw):
+    M, E = model.mention_table.shape[0], model.entity_table.shape[0]
+    return mine_hard_negatives(model, *row_ids(M), *row_ids(E), golds, num, entity_bsz=3,
+                               mention_bsz=M // 2 + 1, device=CPU, **kw)
+
+
+def test_hard_negatives_are_the_top_scoring_entities_and_exclude_golds():
+    model, full, _ = table_setup()
+    golds = full.argmax(1)                # the gold is every mention's best entity
+    hard, log_q = mine(model, golds, 5)
+    assert log_q is None
+    assert torch.equal(hard, full.topk(5, dim=1).indices)
+    assert (hard[:, 0] == golds).all()    # off by default: the gold can be a "hard negative"
+    hard_x, _ = mine(model, golds, 5, exclude_golds=True)
+    masked = full.clone()
+    masked[torch.arange(9), golds] = float("-inf")
+    assert torch.equal(hard_x, masked.topk(5, dim=1).indices)
+    assert not (hard_x == golds[:, None]).any()
+
+
+def scalar_model(scores, M):
+    """dual scores = the given per-entity values for each of M identical mentions."""
+    return TableModel(torch.ones(M, 1, 1), torch.tensor(scores)[:, None, None], "dual")
+
+
+def test_sampled_negatives_follow_the_model_distribution():
+    scores, smoothing, M = [1.0, 0.0, 2.0, -1.0, 0.5], 0.7, 20000
+    p = torch.softmax(smoothing * torch.tensor(scores), 0)
+    model = scalar_model(scores, M)
+    golds = torch.zeros(M, dtype=torch.long)
+    one, log_q = mine(model, golds, 1, sample=True, smoothing_value=smoothing,
+                      generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(torch.bincount(one[:, 0], minlength=5).float() / M, p, atol=0.015)
+    assert torch.allclose(log_q[:, 0], p.log()[one[:, 0]], atol=1e-5)
+    two, log_q2 = mine(model, golds, 2, sample=True, smoothing_value=smoothing,
+                       generator=torch.Generator().manual_seed(2))
+    assert (two[:, 0] != two[:, 1]).all()  # without replacement
+    pairs = torch.zeros(5, 5)
+    pairs.index_put_((two[:, 0], two[:, 1]), torch.ones(M), accumulate=True)
+    expected = p[:, None] * p[None, :] / (1 - p[:, None])   # first a, then b
+    expected.fill_diagonal_(0)
+    assert torch.allclose(pairs / M, expected, atol=0.015)
+    assert torch.allclose(log_q2, p.log()[two], atol=1e-5)
+
+
+def test_fewer_nonzero_probabilities_than_negatives_samples_with_replacement():
+    M = 20000
+    model = scalar_model([0.0, 1.0, 0.5], M)
+    golds = torch.zeros(M, dtype=torch.long)
+    neg, log_q = mine(model, golds, 3, sample=True, exclude_golds=True,
+                      generator=torch.Generator().manual_seed(3))
+    assert not (neg == 0).any()                      # the excluded gold has probability 0
+    p = torch.softmax(torch.tensor([1.0, 0.5]), 0)
+    freq = torch.bincount(neg.flatten(), minlength=3).float()[1:] / neg.numel()
+    assert torch.allclose(freq, p, atol=0.015)
+    assert torch.allclose(log_q, torch.log(torch.tensor([0.0, p[0], p[1]]))[neg], atol=1e-5)
+    # smoothing 0: uniform over all but the excluded gold
+    flat, _ = mine(model, golds, 3, sample=True, exclude_golds=True, smoothing_value=0.0,
+                   generator=torch.Generator().manual_seed(5))
+    assert not (flat == 0).any()
+    assert torch.allclose(torch.bincount(flat.flatten(), minlength=3).float()[1:] / flat.numel(),
+                          torch.tensor([0.5, 0.5]), atol=0.015)
+    # float32 underflow counts as probability 0, as softmax gives it
+    under, _ = mine(scalar_model([0.0, -300.0, -400.0], 50), torch.ones(50, dtype=torch.long), 2,
+                    sample=True, generator=torch.Generator().manual_seed(4))
+    assert (under == 0).all()
+
+
+def test_gumbel_top_k_is_independent_of_chunking_in_distribution():
+    """Fed in chunks or at once, the sample and its log-probabilities stay consistent."""
+    scores = torch.randn(6, 10)
+    sampler = GumbelTopK(6, 4, 1.0, torch.Generator().manual_seed(0))
+    for s in range(0, 10, 3):
+        sampler.update(torch.arange(6), scores[:, s:s + 3], s)
+    idx, log_q = sampler.sample()
+    assert torch.allclose(log_q, scores.log_softmax(1).gather(1, idx), atol=1e-5)
+    assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()
