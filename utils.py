@@ -45,6 +45,13 @@ def check_flag(condition, flag, message):
         die(f"{flag}: {message}")
 
 
+def check_positive(args, *flags):
+    """Stop with a one-line error on the first of these argparse flags whose value is not > 0."""
+    for flag in flags:
+        value = getattr(args, flag)
+        check_flag(value > 0, f"--{flag}", f"must be positive (got {value})")
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds
 
@@ -173,6 +180,18 @@ def build_scheduler(optimizer, num_training_steps, warmup_proportion=0.1, simple
 def num_training_steps(num_examples, batch_size, accumulation, epochs):
     """As the original: int(N / B / accum * epochs)."""
     return int(num_examples / batch_size / accumulation * epochs)
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, clip=0.0):
+    """One update after the accumulated backward passes: unscale, clip the gradient norm to
+    `clip` (when > 0), step the optimizer through the scaler and the schedule, zero the grads."""
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------------------------
