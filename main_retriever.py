@@ -18,10 +18,11 @@ Entity vectors are streamed (encode a chunk, score it, drop it), so `--store_en_
 `--num_hards` and `--num_workers` are accepted too: the counts come from `--num_cands` and
 `--cands_ratio`, and batches are assembled by tensor indexing in the main process.
 
-Under torchrun each process trains on B / processes mentions of every batch (DistributedDataParallel)
-and scores its share of the entities; in one process with several GPUs, DataParallel splits the
-batch. The environment variable HARD_NCE_STOP_AFTER_EPOCH=N ends the run after epoch N is saved
-(used by the tests to check that a resumed run ends where an uninterrupted one does).
+Under torchrun each process trains on B / processes mentions of every batch
+(DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
+DataParallel splits the batch. The environment variable HARD_NCE_STOP_AFTER_EPOCH=N ends the run
+after epoch N is saved (the tests use it to check that a resumed run ends where an uninterrupted
+one does).
 """
 import argparse
 import contextlib
@@ -30,22 +31,23 @@ import os
 import torch
 
 from data_loader import Zeshel
-from retriever import (TYPE_CANDS, TYPE_MODELS, PRE_MODELS, candidate_counts, encode_split,
-                       load_retriever, mine_hard_negatives, pretrained_name, rank_split,
-                       ranking_entry, training_candidates)
+from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, check_worlds_hold,
+                       encode_split, load_retriever, mine_hard_negatives, pretrained_name,
+                       rank_split, ranking_entry, training_candidates)
 from utils import (amp_dtype, autocast, barrier, build_optimizer, build_scheduler, check_flag,
-                   cleanup_runtime, cli_main, die, get_logger, grad_scaler, load_checkpoint,
-                   num_training_steps, progress, rng_state, save_checkpoint, set_rng_state,
-                   set_seed, setup_runtime, unwrap, write_json)
+                   check_positive, cleanup_runtime, cli_main, die, get_logger, grad_scaler,
+                   load_checkpoint, num_training_steps, optimizer_step, progress, rng_state,
+                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint path (required); also <model>.last, .log, .results.json")
+    p.add_argument("--model",
+                   help="checkpoint path (required); also <model>.last, .log, .results.json")
     p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
     p.add_argument("--max_len", type=int, default=128, help="tokens of a mention or entity window")
-    p.add_argument("--num_hards", type=int, default=10,
-                   help="accepted for compatibility; the counts come from --num_cands, --cands_ratio")
+    p.add_argument("--num_hards", type=int, default=10, help="accepted for compatibility; "
+                   "the counts come from --num_cands and --cands_ratio")
     p.add_argument("--type_cands", default="mixed_negative", choices=TYPE_CANDS)
     p.add_argument("--data_dir", help="Zeshel folder (required)")
     p.add_argument("--B", type=int, default=4, help="mentions per batch")
@@ -69,8 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--num_cands", type=int, default=128, help="negatives per mention")
     p.add_argument("--smoothing_value", type=float, default=1.0,
                    help="hard_negative: sample from softmax(smoothing_value * scores)")
-    p.add_argument("--eval_batchsize", type=int, default=512, help="mentions per encoder batch in evaluation")
-    p.add_argument("--mention_bsz", type=int, default=512, help="mentions per encoder batch in mining")
+    p.add_argument("--eval_batchsize", type=int, default=512,
+                   help="mentions per encoder batch in evaluation")
+    p.add_argument("--mention_bsz", type=int, default=512,
+                   help="mentions per encoder batch in mining")
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
     p.add_argument("--exclude_golds", action="store_true", help="never mine the gold as a negative")
     p.add_argument("--type_model", default="dual", choices=TYPE_MODELS)
@@ -91,20 +95,19 @@ def parse_args(argv=None):
 def check_args(args):
     check_flag(args.model, "--model", "a checkpoint path is required")
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
-    check_flag(0.0 <= args.cands_ratio <= 1.0, "--cands_ratio", f"{args.cands_ratio} is not in [0, 1]")
-    for flag in ("B", "k", "num_cands", "gradient_accumulation_steps", "logging_steps",
-                 "eval_batchsize", "mention_bsz", "entity_bsz", "num_mention_vecs", "num_entity_vecs"):
-        check_flag(getattr(args, flag) > 0, f"--{flag}", f"must be positive, not {getattr(args, flag)}")
-    check_flag(args.epochs >= 0, "--epochs", f"must be 0 or more, not {args.epochs}")
+    check_flag(0.0 <= args.cands_ratio <= 1.0, "--cands_ratio",
+               f"{args.cands_ratio} is not in [0, 1]")
+    check_positive(args, "B", "k", "num_cands", "gradient_accumulation_steps", "logging_steps",
+                   "eval_batchsize", "mention_bsz", "entity_bsz", "num_mention_vecs",
+                   "num_entity_vecs", "lr", "adam_epsilon", "clip")
+    check_flag(args.epochs >= 0, "--epochs", f"must be 0 or more (got {args.epochs})")
     check_flag(args.max_len >= 4, "--max_len", f"{args.max_len} is too short for a window")
-    check_flag(args.lr > 0, "--lr", f"must be positive, not {args.lr}")
     check_flag(0.0 <= args.warmup_proportion <= 1.0, "--warmup_proportion",
                f"{args.warmup_proportion} is not in [0, 1]")
-    check_flag(args.weight_decay >= 0, "--weight_decay", f"must be 0 or more, not {args.weight_decay}")
-    check_flag(args.adam_epsilon > 0, "--adam_epsilon", f"must be positive, not {args.adam_epsilon}")
-    check_flag(args.clip > 0, "--clip", f"must be positive, not {args.clip}")
+    check_flag(args.weight_decay >= 0, "--weight_decay",
+               f"must be 0 or more (got {args.weight_decay})")
     check_flag(args.smoothing_value >= 0, "--smoothing_value",
-               f"must be 0 or more, not {args.smoothing_value}")
+               f"must be 0 or more (got {args.smoothing_value})")
     for side in ("mention", "entity"):
         if not getattr(args, f"{side}_use_codes"):
             n = getattr(args, f"num_{side}_vecs")
@@ -114,11 +117,7 @@ def check_args(args):
 
 def check_sizes(args, zeshel):
     """--k and --num_cands against the entity sets they are used on."""
-    for split in ("val", "test"):
-        es = zeshel.entities(split)
-        for world, (start, end) in es.world_ranges.items():
-            check_flag(args.k <= end - start, "--k", f"{args.k} is larger than the {end - start} "
-                       f"entities of {split} world {world}")
+    check_worlds_hold(zeshel, ("val", "test"), args.k, "--k")
     if args.epochs > 0:
         n = len(zeshel.entities("train"))
         check_flag(args.num_cands <= n - 1, "--num_cands", f"{args.num_cands} negatives asked for "
@@ -172,7 +171,8 @@ def main(argv=None):
              *[x for s in ("val", "test") for x in (len(data[s].golds), len(data[s].entities))])
 
     model.to(device)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.adam_epsilon, args.simpleoptim)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.adam_epsilon,
+                                args.simpleoptim)
     total_steps = num_training_steps(N, args.B, args.gradient_accumulation_steps, args.epochs)
     scheduler = build_scheduler(optimizer, total_steps, args.warmup_proportion, args.simpleoptim)
     scaler = grad_scaler(device, dtype)
@@ -182,7 +182,8 @@ def main(argv=None):
         try:
             model.load_state_dict(state["model"])
         except RuntimeError:
-            die(f"--resume_training: {last_path} holds a model of another shape than these flags ask for")
+            die(f"--resume_training: {last_path} holds a model of another shape than these "
+                f"flags ask for")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -208,9 +209,10 @@ def main(argv=None):
     def evaluate(split, epoch):
         pooled, per_world = rank_split(unwrap(model), data[split], args.k, **eval_kw)
         entry = ranking_entry(pooled, per_world, data[split], args.k, epoch)
+        worlds = " ".join(f"{w} {r[key]:.2f}" for w, r in entry["per_world"].items())
         log.info("%s epoch %d: %s %.2f accuracy %.2f (per world: macro %.2f micro %.2f) %s", split,
                  epoch, key, entry[key], entry["accuracy"], entry[f"macro_{key}"],
-                 entry[f"micro_{key}"], " ".join(f"{w} {r[key]:.2f}" for w, r in entry["per_world"].items()))
+                 entry[f"micro_{key}"], worlds)
         return entry
 
     def save_results():
@@ -247,8 +249,8 @@ def main(argv=None):
                       train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to),
                       log_q[own].to(**to) if adjusted else None)
             sync = (i + 1) % accum == 0
-            no_sync = train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext()
-            with no_sync:
+            no_sync = rt.distributed and not sync   # DDP: all-reduce only on the update step
+            with train_model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(device, dtype):
                     loss = train_model(*inputs).mean() / accum
                 scaler.scale(loss).backward()
@@ -257,12 +259,7 @@ def main(argv=None):
             count += 1
             if not sync:
                 continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scheduler, scaler, args.clip)
             step += 1
             if step % args.logging_steps == 0:
                 losses.append(float(running) * accum / count)
@@ -279,7 +276,8 @@ def main(argv=None):
         best_score = max(best_score, score)
         if rt.is_main:
             if improved:
-                save_checkpoint(checkpoint(args, model, epoch + 1, step, best_score, results), args.model)
+                save_checkpoint(checkpoint(args, model, epoch + 1, step, best_score, results),
+                                args.model)
                 log.info("new best val %s %.2f: saved %s", args.eval_criterion, score, args.model)
             save_checkpoint(checkpoint(args, model, epoch + 1, step, best_score, results,
                                        optimizer=optimizer.state_dict(),

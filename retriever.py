@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_loader import encode_entities, encode_mentions
-from utils import autocast, load_encoder, load_tokenizer, progress
+from utils import autocast, check_flag, load_encoder, load_tokenizer, progress
 
 TYPE_MODELS = ("dual", "multi_vector", "poly", "sum_max")
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
@@ -488,6 +488,15 @@ class SplitData:
         return list(self.entities.world_ranges.values())
 
 
+def check_worlds_hold(zeshel, splits, n, flag):
+    """Stop with a one-line error naming `flag` unless every world of these splits has at least
+    `n` entities (rankings within a world, of length n)."""
+    for split in splits:
+        for world, (start, end) in zeshel.entities(split).world_ranges.items():
+            check_flag(n <= end - start, flag,
+                       f"{n} is more than the {end - start} entities of {split} world {world}")
+
+
 def encode_split(tokenizer, zeshel, split, max_len, pin=False):
     mentions = zeshel.mentions[split]
     entities = zeshel.entities(split)
@@ -536,8 +545,8 @@ def recall_table(ranked, golds, mention_worlds, worlds, ks):
     per_world = {}
     for w, world in enumerate(worlds):
         sel = mention_worlds == w
-        per_world[world] = {"mentions": int(sel.sum()),
-                            **{f"recall@{k}": percent(hits(ranked[sel], golds[sel], k)) for k in ks}}
+        recalls = {f"recall@{k}": percent(hits(ranked[sel], golds[sel], k)) for k in ks}
+        per_world[world] = {"mentions": int(sel.sum()), **recalls}
     macro = {f"recall@{k}": float(np.mean([r[f"recall@{k}"] for r in per_world.values()]))
              for k in ks}
     micro = {f"recall@{k}": percent(hits(ranked, golds, k)) for k in ks}

@@ -19,10 +19,10 @@ import os
 import torch
 
 from data_loader import Zeshel
-from retriever import (PRE_MODELS, TYPE_MODELS, encode_split, load_retriever, pretrained_name,
-                       rank_split, recall_table, vector_counts)
-from utils import (amp_dtype, check_flag, cleanup_runtime, cli_main, die, get_logger,
-                   load_checkpoint, setup_runtime, write_json, write_jsonl)
+from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
+                       pretrained_name, rank_split, recall_table, vector_counts)
+from utils import (amp_dtype, check_flag, check_positive, cleanup_runtime, cli_main, die,
+                   get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
@@ -33,11 +33,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="retriever checkpoint (required)")
     p.add_argument("--data_dir", help="Zeshel folder (required)")
-    p.add_argument("--cands_dir", help="folder for candidates_<split>.json and recall.json (required)")
+    p.add_argument("--cands_dir",
+                   help="folder for candidates_<split>.json and recall.json (required)")
     p.add_argument("--num_cands", type=int, default=64, help="candidates per mention")
     p.add_argument("--pre_model", default=None, choices=list(PRE_MODELS),
                    help="default: the checkpoint's")
-    p.add_argument("--type_model", default=None, choices=TYPE_MODELS, help="default: the checkpoint's")
+    p.add_argument("--type_model", default=None, choices=TYPE_MODELS,
+                   help="default: the checkpoint's")
     p.add_argument("--num_mention_vecs", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--num_entity_vecs", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--mention_use_codes", action="store_true", default=None)
@@ -67,7 +69,8 @@ def resolve_shape(args, trained):
                    f"the checkpoint {args.model} was trained with {trained.get(flag)}, "
                    f"not {getattr(args, flag)}")
     mine = vector_counts(args.type_model, args.num_mention_vecs, args.num_entity_vecs)
-    theirs = vector_counts(trained["type_model"], trained["num_mention_vecs"], trained["num_entity_vecs"])
+    theirs = vector_counts(trained["type_model"], trained["num_mention_vecs"],
+                           trained["num_entity_vecs"])
     for side, a, b in zip(("mention", "entity"), mine, theirs):
         check_flag(a == b, f"--num_{side}_vecs",
                    f"the checkpoint {args.model} uses {b} {side} vectors, not {a}")
@@ -76,8 +79,8 @@ def resolve_shape(args, trained):
 
 
 def format_table(recalls, ks):
-    head = f"{'split':<6} {'world':<24} {'mentions':>8} " + " ".join(f"{'R@' + str(k):>7}" for k in ks)
-    lines = [head]
+    lines = [f"{'split':<6} {'world':<24} {'mentions':>8} "
+             + " ".join(f"{'R@' + str(k):>7}" for k in ks)]
     for split, table in recalls.items():
         rows = [(w, r["mentions"], r) for w, r in table["per_world"].items()]
         n = sum(r["mentions"] for r in table["per_world"].values())
@@ -94,8 +97,7 @@ def main(argv=None):
     check_flag(args.model, "--model", "a checkpoint path is required")
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
-    for flag in ("num_cands", "entity_bsz", "mention_bsz"):
-        check_flag(getattr(args, flag) > 0, f"--{flag}", f"must be positive, not {getattr(args, flag)}")
+    check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
     state = load_checkpoint(args.model)
     resolve_shape(args, state["args"])
     rt = setup_runtime(args.gpus)
@@ -107,10 +109,7 @@ def main(argv=None):
                  "--en_hidden_path")
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log)
     zeshel = Zeshel(args.data_dir, SPLITS)
-    for split in SPLITS:
-        for world, (start, end) in zeshel.entities(split).world_ranges.items():
-            check_flag(args.num_cands <= end - start, "--num_cands",
-                       f"{args.num_cands} is more than the {end - start} entities of {split} world {world}")
+    check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
     tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),
                                       args.type_model, args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
@@ -127,7 +126,8 @@ def main(argv=None):
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
                                device=device, dtype=dtype, rt=rt, quiet=quiet)
-        recalls[split] = recall_table(ranked, data.golds, data.mention_worlds, data.entities.worlds, ks)
+        recalls[split] = recall_table(ranked, data.golds, data.mention_worlds,
+                                      data.entities.worlds, ks)
         if rt.is_main:
             doc_ids = data.entities.doc_ids
             write_jsonl(({"mention_id": m["mention_id"], "candidates": [doc_ids[i] for i in row]}
@@ -137,7 +137,8 @@ def main(argv=None):
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
     if rt.is_main:
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
-    log.info("recall (percent), each mention ranked within its own world:\n%s", format_table(recalls, ks))
+    log.info("recall (percent), each mention ranked within its own world:\n%s",
+             format_table(recalls, ks))
     cleanup_runtime(rt)
 
 

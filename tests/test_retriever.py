@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import retriever
 from retriever import (SCORERS, CodeAttention, GumbelTopK, Retriever, TopK, adjust_negative_scores,
