@@ -17,8 +17,9 @@ def toy(tmp_path_factory):
 
 def run_script(script, *args, env=None, cwd=ROOT, timeout=600):
     """Run one of the repository's scripts in a subprocess: CompletedProcess with text output."""
+    # One torch thread per run: on a shared 2-core machine, spinning threads made runs 3x slower.
     full_env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false",
-                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
