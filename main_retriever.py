@@ -35,7 +35,8 @@ from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, ch
                        encode_split, load_retriever, mine_hard_negatives, pretrained_name,
                        rank_split, ranking_entry, training_candidates)
 from utils import (amp_dtype, autocast, barrier, build_optimizer, build_scheduler, check_flag,
-                   check_positive, cleanup_runtime, cli_main, die, get_logger, grad_scaler,
+                   check_positive, cleanup_runtime, cli_main, describe_runtime, die, get_logger,
+                   grad_scaler,
                    load_checkpoint, num_training_steps, optimizer_step, progress, rng_state,
                    save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
@@ -145,6 +146,7 @@ def main(argv=None):
                  "--en_hidden_path are not needed and nothing is written there")
     check_flag(args.B % rt.world_size == 0, "--B",
                f"{args.B} mentions do not split evenly over {rt.world_size} processes")
+    log.info(describe_runtime(rt, args.B, args.gradient_accumulation_steps))
     last_path = args.model + ".last"
     state = None
     if args.resume_training:

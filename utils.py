@@ -108,6 +108,19 @@ def setup_runtime(gpus=None):
     return Runtime(torch.device("cpu"))
 
 
+def describe_runtime(rt, batch=None, accumulation=1):
+    """One log line: the device, how many processes, and how a batch of `batch` mentions is
+    split (per process, accumulation, mentions per optimizer step)."""
+    how = ("torchrun" if rt.distributed else
+           f"DataParallel over {rt.n_gpu} GPUs" if rt.n_gpu > 1 else "one process")
+    line = f"device {rt.device}, {rt.world_size} process{'es' if rt.world_size > 1 else ''} ({how})"
+    if batch is not None:
+        line += (f"; batch {batch} mentions = {batch // rt.world_size} per process x "
+                 f"{rt.world_size}, {accumulation} accumulation step(s): "
+                 f"{batch * accumulation} mentions per optimizer step")
+    return line
+
+
 def barrier(rt):
     if rt.distributed:
         torch.distributed.barrier()
