@@ -274,6 +274,19 @@ def _gather_cat(tensor, rt):
     return torch.cat(parts, 1)
 
 
+def best_first(values, k):
+    """The k largest of each row, best first, ties kept in column order (a stable sort, where
+    topk breaks ties arbitrarily): entities are fed in index order, so equal scores always rank
+    the lower entity index first, in one process or merged from several.
+    values: (R, c) -> (values, columns), each (R, min(k, c)).
+
+    >>> best_first(torch.tensor([[1., 3., 3., 2.]]), 2)
+    (tensor([[3., 3.]]), tensor([[1, 2]]))
+    """
+    v, i = values.sort(dim=1, descending=True, stable=True)
+    return v[:, :k], i[:, :k]
+
+
 class TopK:
     """The running top-k entities of each of M mentions, fed chunk by chunk.
 
@@ -297,19 +310,19 @@ class TopK:
             if not keep.all():
                 rows, scores = rows[keep], scores[keep]
                 payload = None if payload is None else payload[keep]
-        top = scores.topk(min(self.k, scores.shape[1]), dim=1)
-        values = torch.cat([self.values[rows], top.values], 1)
-        indices = torch.cat([self.indices[rows], top.indices + first], 1)
+        top_values, top_indices = best_first(scores, self.k)
+        values = torch.cat([self.values[rows], top_values], 1)
+        indices = torch.cat([self.indices[rows], top_indices + first], 1)
         payloads = None if self.payload is None else torch.cat(
-            [self.payload[rows], payload.gather(1, top.indices)], 1)
+            [self.payload[rows], payload.gather(1, top_indices)], 1)
         self._keep(rows, values, indices, payloads)
 
     def _keep(self, rows, values, indices, payloads):
-        best = values.topk(self.k, dim=1)
-        self.values[rows] = best.values
-        self.indices[rows] = indices.gather(1, best.indices)
+        best_values, best = best_first(values, self.k)
+        self.values[rows] = best_values
+        self.indices[rows] = indices.gather(1, best)
         if payloads is not None:
-            self.payload[rows] = payloads.gather(1, best.indices)
+            self.payload[rows] = payloads.gather(1, best)
 
     def merge(self, rt):
         """Under torchrun: merge the processes' lists (their shards of the entities)."""
@@ -383,21 +396,20 @@ def encode_vectors(fn, ids, mask, batch_size, device, dtype=None, quiet=True, de
 
 
 def entity_chunks(world_ranges, chunk_size, rank=0, world_size=1):
-    """[(start, end, world)] chunks of at most `chunk_size` entities, never straddling a world,
-    covering this process's contiguous share of the entities.
+    """[(start, end, world)] chunks of at most `chunk_size` entities, never straddling a world;
+    under torchrun, process `rank` takes a contiguous share of the same chunks a single process
+    would encode, so every entity is encoded in the same batch and scores bit for bit alike.
 
     >>> entity_chunks([(0, 5), (5, 8)], 2)
     [(0, 2, 0), (2, 4, 0), (4, 5, 0), (5, 7, 1), (7, 8, 1)]
-    >>> entity_chunks([(0, 5), (5, 8)], 2, rank=1, world_size=2)
-    [(4, 5, 0), (5, 7, 1), (7, 8, 1)]
+    >>> entity_chunks([(0, 5), (5, 8)], 2, rank=0, world_size=2)
+    [(0, 2, 0), (2, 4, 0)]
     """
-    total = world_ranges[-1][1] if world_ranges else 0
-    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
-    chunks = []
-    for world, (start, end) in enumerate(world_ranges):
-        start, end = max(start, lo), min(end, hi)
-        chunks += [(s, min(s + chunk_size, end), world) for s in range(start, end, chunk_size)]
-    return chunks
+    chunks = [(s, min(s + chunk_size, end), world)
+              for world, (start, end) in enumerate(world_ranges)
+              for s in range(start, end, chunk_size)]
+    n = len(chunks)
+    return chunks[n * rank // world_size:n * (rank + 1) // world_size]
 
 
 @torch.no_grad()
