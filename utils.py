@@ -134,16 +134,35 @@ def cleanup_runtime(rt):
 # ----------------------------------------------------------------------------------------------
 # Mixed precision through torch.amp
 
-def amp_dtype(fp16=False, bf16=False, device=None, log=None):
-    """The autocast dtype the flags ask for, or None. float16 needs CUDA: on a CPU `--fp16` runs
-    as bfloat16 autocast, with a one-line notice."""
-    if not (fp16 or bf16):
-        return None
-    if device is not None and device.type != "cuda":
-        if fp16 and log is not None:
-            log.info("notice: --fp16 on a CPU runs as bfloat16 autocast")
+def add_precision_args(parser):
+    """--fp16 / --bf16 / --fp32: the autocast dtype (see amp_dtype)."""
+    parser.add_argument("--fp16", action="store_true",
+                        help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--fp32", action="store_true",
+                        help="full precision (TF32 matrix multiplies) on a GPU; the default there "
+                             "is bfloat16 autocast where the GPU supports it")
+
+
+def amp_dtype(fp16=False, bf16=False, device=None, log=None, fp32=False):
+    """The autocast dtype, or None for full precision.
+
+    `--fp16`: float16 (needs CUDA: on a CPU it runs as bfloat16, with a one-line notice);
+    `--bf16`: bfloat16; `--fp32`: None. With none of them: bfloat16 on a GPU that supports it
+    (Ampere and later: the paper recipe fits in hours, not days), full precision elsewhere.
+    """
+    cuda = device is not None and device.type == "cuda"
+    if fp16 or bf16:
+        if not cuda:
+            if fp16 and log is not None:
+                log.info("notice: --fp16 on a CPU runs as bfloat16 autocast")
+            return torch.bfloat16
+        return torch.bfloat16 if bf16 else torch.float16
+    if cuda and not fp32 and torch.cuda.is_bf16_supported():
+        if log is not None:
+            log.info("notice: bfloat16 autocast on this GPU (the default; --fp32 for full precision)")
         return torch.bfloat16
-    return torch.bfloat16 if bf16 else torch.float16
+    return None
 
 
 def autocast(device, dtype):
