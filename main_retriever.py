@@ -33,7 +33,7 @@ import torch
 from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, check_worlds_hold,
                        encode_split, load_retriever, mine_hard_negatives, pretrained_name,
-                       rank_split, ranking_entry, training_candidates)
+                       rank_split, ranking_entry, training_candidates, vector_counts)
 from utils import (amp_dtype, autocast, barrier, build_optimizer, build_scheduler, check_flag,
                    check_positive, cleanup_runtime, cli_main, describe_runtime, die, get_logger,
                    grad_scaler,
@@ -125,6 +125,23 @@ def check_sizes(args, zeshel):
                    f"but train has {n} entities (gold included)")
 
 
+def check_same_model(args, state, path):
+    """Stop unless the checkpoint at `path` was trained with the scorer these flags ask for (the
+    state dicts of dual, multi_vector and sum_max have the same shapes: loading cannot tell)."""
+    trained = state.get("args") if isinstance(state, dict) else None
+    trained = trained if isinstance(trained, dict) else {}
+    for flag in ("type_model", "mention_use_codes", "entity_use_codes"):
+        check_flag(trained.get(flag) == getattr(args, flag), f"--{flag}",
+                   f"{path} was trained with {trained.get(flag)}, not {getattr(args, flag)}")
+    for side, a, b in zip(("mention", "entity"),
+                          vector_counts(args.type_model, args.num_mention_vecs,
+                                        args.num_entity_vecs),
+                          vector_counts(args.type_model, trained.get("num_mention_vecs"),
+                                        trained.get("num_entity_vecs"))):
+        check_flag(a == b, f"--num_{side}_vecs",
+                   f"{path} was trained with {b} {side} vectors, not {a}")
+
+
 def checkpoint(args, model, epoch, step, best_score, results, **full):
     return {"args": vars(args), "model": unwrap(model).state_dict(), "epoch": epoch, "step": step,
             "best_score": best_score, "results": results,
@@ -153,6 +170,7 @@ def main(argv=None):
         check_flag(os.path.isfile(last_path), "--resume_training",
                    f"no checkpoint {last_path} to resume from")
         state = load_checkpoint(last_path, flag="--resume_training")
+        check_same_model(args, state, last_path)
 
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log)

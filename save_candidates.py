@@ -58,6 +58,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def retriever_args(state, path):
+    """The training arguments of a main_retriever.py checkpoint; stop on any other file."""
+    trained = state.get("args") if isinstance(state, dict) and "model" in state else None
+    check_flag(isinstance(trained, dict), "--model",
+               f"{path} is not a checkpoint written by main_retriever.py")
+    check_flag(trained.get("type_model") in TYPE_MODELS, "--model",
+               f"{path} holds a --type_model {trained.get('type_model')} model, not a retriever "
+               f"({', '.join(TYPE_MODELS)})")
+    return trained
+
+
 def resolve_shape(args, trained):
     """Fill the shape flags left unset from the checkpoint's arguments `trained`; stop when a flag
     that was given would build another model than the checkpoint holds."""
@@ -99,7 +110,7 @@ def main(argv=None):
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
     state = load_checkpoint(args.model)
-    resolve_shape(args, state["args"])
+    resolve_shape(args, retriever_args(state, args.model))
     rt = setup_runtime(args.gpus)
     torch.backends.cuda.matmul.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
