@@ -23,3 +23,28 @@ def run_script(script, *args, env=None, cwd=ROOT, timeout=600):
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def write_candidates(data_dir, cands_dir, C, seed=0):
+    """`cands_dir/candidates_<split>.json` for train, val and test, as save_candidates.py writes
+    them: for each mention, C document ids of its world in a fixed pseudo-random order, the gold
+    among them for about three mentions in four. Returns `cands_dir`."""
+    import json
+    import random
+    os.makedirs(cands_dir, exist_ok=True)
+    docs = {}
+    for name in sorted(os.listdir(os.path.join(data_dir, "documents"))):
+        with open(os.path.join(data_dir, "documents", name)) as f:
+            docs[name[:-len(".json")]] = [json.loads(line)["document_id"] for line in f]
+    for split in ("train", "val", "test"):
+        rng = random.Random(f"{seed}-{split}")
+        with open(os.path.join(data_dir, "mentions", f"{split}.json")) as f:
+            mentions = [json.loads(line) for line in f]
+        with open(os.path.join(cands_dir, f"candidates_{split}.json"), "w") as f:
+            for m in mentions:
+                gold = m["label_document_id"]
+                cands = rng.sample([d for d in docs[m["corpus"]] if d != gold], C)
+                if rng.random() < 0.75:
+                    cands[rng.randrange(C)] = gold
+                f.write(json.dumps({"mention_id": m["mention_id"], "candidates": cands}) + "\n")
+    return str(cands_dir)
