@@ -34,11 +34,11 @@ from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, check_worlds_hold,
                        encode_split, load_retriever, mine_hard_negatives, pretrained_name,
                        rank_split, ranking_entry, training_candidates, vector_counts)
-from utils import (amp_dtype, autocast, barrier, build_optimizer, build_scheduler, check_flag,
-                   check_positive, cleanup_runtime, cli_main, describe_runtime, die, get_logger,
-                   grad_scaler,
-                   load_checkpoint, num_training_steps, optimizer_step, progress, rng_state,
-                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
+from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
+                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
+                   describe_runtime, die, get_logger, grad_scaler, load_checkpoint,
+                   num_training_steps, optimizer_step, progress, rng_state, save_checkpoint,
+                   set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
 
 def parse_args(argv=None):
@@ -87,8 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--store_en_hiddens", action="store_true",
                    help="accepted for compatibility (vectors are streamed)")
     p.add_argument("--pretrained", help="model folder or hub name (default: from --pre_model)")
-    p.add_argument("--fp16", action="store_true", help="float16 autocast (bfloat16 on a CPU)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -173,7 +172,7 @@ def main(argv=None):
         check_same_model(args, state, last_path)
 
     set_seed(args.seed)
-    device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log)
+    device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_sizes(args, zeshel)
     tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),

@@ -21,8 +21,8 @@ import torch
 from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
                        pretrained_name, rank_split, recall_table, vector_counts)
-from utils import (amp_dtype, check_flag, check_positive, cleanup_runtime, cli_main, die,
-                   get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
+from utils import (add_precision_args, amp_dtype, check_flag, check_positive, cleanup_runtime,
+                   cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
@@ -52,8 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--gpus", default="", help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--pretrained", default=None,
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--bf16", action="store_true")
+    add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -118,7 +117,7 @@ def main(argv=None):
     if args.store_en_hiddens or args.en_hidden_path:
         log.info("note: entity vectors are streamed chunk by chunk; nothing is written to "
                  "--en_hidden_path")
-    device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log)
+    device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
     tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),
