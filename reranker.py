@@ -1,0 +1,308 @@
+"""The reranker (SPEC 6): candidate preparation, a mention's (C, L) inputs built on the fly, the
+full cross-encoder (and the retriever scorers over the same candidates), and the linking accuracies.
+
+- candidates: `prepare_candidates` (pure), `candidate_indices`;
+- inputs: `encode_split` (windows of the entities the candidates use, kept as `PackedIds`),
+  `CandidateDataset` (one mention's pairs, or its separate windows, per item), `collate`;
+- models: `FullRanker` (`--type_model full`), `RetrieverRanker` (dual, multi_vector, poly,
+  sum_max: retriever.Retriever's encoders and scorer), `build_ranker`, `ranking_loss`,
+  `gold_on_top`;
+- metrics: `linking_accuracy` (per world, macro and micro; pure), `results_entry`.
+
+`main_reranker.py` holds the run itself.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from data_loader import (encode_entities, encode_mentions, reranker_entity_ids,
+                         reranker_mention_ids, reranker_pair)
+from retriever import Retriever, paired_interactions
+from utils import die
+
+MODEL_NAMES = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+
+def prepare_candidates(candidates, gold, C, training):
+    """One mention's candidates, gold first: the first `C` of `candidates` (best first) with the
+    gold moved to index 0. Training: a gold missing from them is added in front (C + 1
+    candidates). Evaluation: None when the gold is missing (the mention leaves the normalized set).
+
+    >>> prepare_candidates(["a", "b", "g", "c"], "g", 3, training=False)
+    ['g', 'a', 'b']
+    >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=True)
+    ['g', 'a', 'b', 'c']
+    >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=False) is None
+    True
+    """
+    first = list(candidates[:C])
+    if gold not in first and not training:
+        return None
+    return [gold] + [c for c in first if c != gold]
+
+
+def candidate_indices(entities, mentions, cands, C, training, path):
+    """Entity indices of each mention's prepared candidates, gold at 0.
+
+    entities: the split's EntitySet; cands: {mention_id: [document ids]} (data_loader.read_candidates);
+    path: the candidates file, named in errors. Returns (rows, kept): rows[i] is an int64 array
+    of mention i's candidate indices (None where the mention is dropped in evaluation), kept (M,)
+    bool: the gold is among the first C candidates.
+    """
+    rows, kept = [], np.zeros(len(mentions), dtype=bool)
+    for i, m in enumerate(mentions):
+        world = m["corpus"]
+        for doc in cands[m["mention_id"]][:C]:
+            if (world, doc) not in entities.index:
+                die(f"{path}: candidate {doc!r} of mention {m['mention_id']} is not a document "
+                    f"of its world {world!r}")
+        docs = prepare_candidates(cands[m["mention_id"]], m["label_document_id"], C, training)
+        kept[i] = m["label_document_id"] in cands[m["mention_id"]][:C]
+        rows.append(None if docs is None else
+                    np.asarray([entities.index[(world, d)] for d in docs], dtype=np.int64))
+    return rows, kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Token ids, kept compactly (49,275 mention windows and the entity prefixes of the full train split
+# as Python lists would take gigabytes, and be copied into every loader worker)
+
+class PackedIds:
+    """Variable-length id rows in one flat int32 array with offsets; `ids[i]` is row i as a list."""
+
+    def __init__(self, rows):
+        rows = list(rows)
+        self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum([len(r) for r in rows])
+        self.flat = np.fromiter((t for r in rows for t in r), dtype=np.int32,
+                                count=int(self.offsets[-1]))
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+
+def _unpadded(ids, mask):
+    """Rows of a padded (N, L) id tensor without their padding."""
+    return [row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())]
+
+
+def encode_split(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True, chunk=20000):
+    """The token ids of a split, for the entities its candidates use only.
+
+    rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
+    mention's reranker window and each entity's text prefix (SPEC 6), to be joined into pairs;
+    pairs=False (the retriever scorers): the retriever's `[CLS] window [SEP]` mention and entity
+    windows of L tokens (SPEC 2). Returns (mention_ids, entity_ids, rows), the returned rows
+    indexing entity_ids instead of the EntitySet.
+    """
+    mentions, entities = zeshel.mentions[split], zeshel.entities(split)
+    used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
+    position = np.full(len(entities), -1, dtype=np.int64)
+    position[used] = np.arange(len(used))
+    if pairs:
+        mention_ids = reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark)
+    else:
+        mention_ids = _unpadded(*encode_mentions(tokenizer, zeshel, mentions, L))
+    entity_ids = []
+    for start in range(0, len(used), chunk):
+        part = used[start:start + chunk]
+        if pairs:
+            entity_ids += reranker_entity_ids(tokenizer, [entities.texts[i] for i in part], L)
+        else:
+            subset = SimpleNamespace(titles=[entities.titles[i] for i in part],
+                                     texts=[entities.texts[i] for i in part])
+            entity_ids += _unpadded(*encode_entities(tokenizer, subset, L))
+    return (PackedIds(mention_ids), PackedIds(entity_ids),
+            [None if r is None else position[r] for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# A mention's inputs, built when asked for
+
+def _padded(rows, width):
+    """(len(rows), width) ids and mask of id lists, zero-padded."""
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+class CandidateDataset(Dataset):
+    """One mention and its candidates (gold first) per item, built when asked for: only the
+    windows are kept, never the pairs of a whole split (49,275 x 64 x 256 ids for Zeshel train).
+
+    pairs=True (`full`): item i is (mention index, ids, token types, mask), each (C_i, L_i): the
+    `[CLS] mention [SEP] entity [SEP]` pairs (data_loader.reranker_pair), cut to the longest.
+    pairs=False: (mention index, mention ids, mention mask (1, L_m), candidate ids, candidate
+    mask (C_i, L_e)): separate windows for the retriever scorers.
+    """
+
+    def __init__(self, mentions, rows, mention_ids, entity_ids, L, tokenizer, pairs=True):
+        self.mentions = [int(i) for i in mentions]  # indices into rows / mention_ids
+        self.rows, self.mention_ids, self.entity_ids = rows, mention_ids, entity_ids
+        self.L, self.pairs = L, pairs
+        self.special = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+
+    def __len__(self):
+        return len(self.mentions)
+
+    def __getitem__(self, i):
+        m = self.mentions[i]
+        window = self.mention_ids[m]
+        entities = [self.entity_ids[e] for e in self.rows[m]]
+        if not self.pairs:
+            return (m, *_padded([window], len(window)),
+                    *_padded(entities, max(len(e) for e in entities)))
+        pairs = [reranker_pair(window, e, self.L, *self.special) for e in entities]
+        ids, types, mask = (torch.tensor([p[k] for p in pairs], dtype=torch.long) for k in range(3))
+        width = int(mask.sum(1).max())
+        return m, ids[:, :width], types[:, :width], mask[:, :width]  # (C_i, L_i) each
+
+
+def collate(items):
+    """Stack CandidateDataset items: (mention indices (B,), *tensors (B, C, L)), each tensor
+    zero-padded to the batch's most candidates and longest row (a missing candidate's row is all
+    zero, its mask too)."""
+    out = []
+    for k in range(1, len(items[0])):
+        parts = [it[k] for it in items]
+        t = torch.zeros((len(parts), max(p.shape[0] for p in parts), max(p.shape[1] for p in parts)),
+                        dtype=torch.long)  # (B, C, L)
+        for b, p in enumerate(parts):
+            t[b, :p.shape[0], :p.shape[1]] = p
+        out.append(t)
+    return (torch.tensor([it[0] for it in items], dtype=torch.long), *out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The full cross-encoder
+
+class FullRanker(nn.Module):
+    """BERT over each pair, pooled [CLS] output -> dropout 0.1 -> linear score.
+
+    The score layer is initialized normal with std `init` when init > 0, else the encoder's
+    initializer_range, bias 0; it runs in float32 outside autocast so that near scores stay
+    distinct under bfloat16.
+    """
+
+    def __init__(self, encoder, init=0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(0.1)
+        self.score = nn.Linear(encoder.config.hidden_size, 1)
+        std = init if init > 0 else encoder.config.initializer_range
+        nn.init.normal_(self.score.weight, std=std)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, ids, types, mask):
+        """ids, types, mask (B, C, L) -> scores (B, C), float32. A row whose mask is all zero (a
+        missing candidate) is not encoded and scores -inf."""
+        B, C, L = ids.shape
+        present = mask[:, :, 0].reshape(-1).bool()  # (B*C,) a real pair attends to its [CLS]
+        out = self.encoder(input_ids=ids.view(B * C, L)[present],
+                           token_type_ids=types.view(B * C, L)[present],
+                           attention_mask=mask.view(B * C, L)[present])
+        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            s = self.score(self.dropout(pooled.float())).squeeze(-1)  # (P,)
+        scores = torch.full((B * C,), float("-inf"), dtype=s.dtype, device=s.device)
+        scores = scores.index_put((present.nonzero().squeeze(-1),), s)
+        return scores.view(B, C)
+
+
+class RetrieverRanker(nn.Module):
+    """`--type_model dual / multi_vector / poly / sum_max`: the retriever's two encoders and scorer
+    (retriever.Retriever, SPEC 3) over each mention's candidates, trained as the cross-encoder."""
+
+    def __init__(self, retriever):
+        super().__init__()
+        self.retriever = retriever
+
+    def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
+        """mention_ids, mention_mask (B, 1, L_m); cand_ids, cand_mask (B, C, L_e) -> scores (B, C),
+        float32. A missing candidate (mask all zero) is not encoded and scores -inf."""
+        B, C, L = cand_ids.shape
+        present = cand_mask[:, :, 0].reshape(-1).bool()  # (B*C,)
+        u = self.retriever.mention_vectors(mention_ids[:, 0], mention_mask[:, 0])  # (B, m, d)
+        v = self.retriever.entity_vectors(cand_ids.view(B * C, L)[present],
+                                          cand_mask.view(B * C, L)[present])  # (P, n, d)
+        v = v.new_zeros((B * C, *v.shape[1:])).index_put((present.nonzero().squeeze(-1),), v)
+        scores = self.retriever.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
+        return scores.masked_fill(~present.view(B, C), float("-inf"))  # (B, C)
+
+
+def build_ranker(type_model, encoder, init=0.0, num_mention_vecs=8, num_entity_vecs=8,
+                 mention_use_codes=False, entity_use_codes=False):
+    """The model `--type_model` names, around a pretrained encoder: FullRanker for `full`, else
+    the retriever scorer (whose entity encoder starts as a copy of the mention encoder)."""
+    if type_model == "full":
+        return FullRanker(encoder, init)
+    return RetrieverRanker(Retriever(encoder, type_model, num_mention_vecs, num_entity_vecs,
+                                     mention_use_codes, entity_use_codes))
+
+
+def ranking_loss(scores):
+    """Cross-entropy with the gold at index 0; scores (B, C), -inf rows allowed. Mean over B."""
+    return F.cross_entropy(scores.float(), torch.zeros(scores.shape[0], dtype=torch.long,
+                                                       device=scores.device))
+
+
+def gold_on_top(scores):
+    """(B,) bool: the gold (index 0) scores strictly above every other candidate (a tie counts as
+    wrong, so a constant model cannot score 100%)."""
+    if scores.shape[1] == 1:
+        return torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+    return scores[:, 0] > scores[:, 1:].max(dim=1).values
+
+
+# ----------------------------------------------------------------------------------------------
+# Linking accuracy (percent)
+
+def linking_accuracy(worlds, kept, correct):
+    """Accuracies of one split, in percent.
+
+    worlds: the world of every mention of the split (M,); kept (M,) bool: the gold is among the
+    candidates; correct (M,) bool: the gold was ranked first (False where not kept).
+    Normalized = correct / kept, unnormalized = correct / mentions, per world; `macro` is the
+    mean over every world (a world at 0 counts too), `micro` pools the mentions.
+
+    >>> r = linking_accuracy(["a", "a", "b", "b"], [1, 1, 1, 0], [1, 0, 0, 0])
+    >>> r["macro"], r["micro"]
+    ({'acc_unorm': 25.0, 'acc_norm': 25.0}, {'acc_unorm': 25.0, 'acc_norm': 33.333333333333336})
+    """
+    worlds = np.asarray(worlds)
+    kept, correct = np.asarray(kept, dtype=bool), np.asarray(correct, dtype=bool)
+    if (correct & ~kept).any():
+        raise ValueError("a mention counted correct whose gold is not among its candidates")
+
+    def acc(num, den):
+        return 100.0 * num / den if den else 0.0
+
+    per_world = {}
+    for w in sorted(set(worlds.tolist())):
+        sel = worlds == w
+        c, k, n = int(correct[sel].sum()), int(kept[sel].sum()), int(sel.sum())
+        per_world[w] = {"acc_unorm": acc(c, n), "acc_norm": acc(c, k), "correct": c, "kept": k,
+                        "mentions": n}
+    macro = {key: float(np.mean([v[key] for v in per_world.values()])) if per_world else 0.0
+             for key in ("acc_unorm", "acc_norm")}
+    c, k, n = int(correct.sum()), int(kept.sum()), len(worlds)
+    micro = {"acc_unorm": acc(c, n), "acc_norm": acc(c, k)}
+    return {"macro": macro, "micro": micro, "per_world": per_world}
+
+
+def results_entry(report, eval_method, epoch=None):
+    """A results.json entry: the accuracies `eval_method` (macro or micro) asks for on top."""
+    return {"epoch": epoch, **report[eval_method], **report}

