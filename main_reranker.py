@@ -11,13 +11,15 @@ is ranked: normalized accuracy over the mentions whose gold is among the first -
 unnormalized over all mentions, per world, and averaged as --eval_method says (macro: the mean
 over worlds; micro: pooled). The best epoch by unnormalized val accuracy is kept in `<model>`, the
 full state of the last one in `<model>.last` (`--resume_training` continues from it); after the
-last epoch the best is reported on test. `<model>.results.json` holds every evaluation, `<model>.log`
-the log. `--epochs 0` reports the untrained model.
+last epoch the best is reported on test. `<model>.results.json` holds every evaluation,
+`<model>.log` the log. `--epochs 0` reports the untrained model.
 
 `--type_model full` is the cross-encoder; dual, multi_vector, poly and sum_max train the
 retriever's scorer (retriever.py) over the same candidates, with the retriever's windows of --L
 tokens. Under torchrun each process takes B / processes mentions of every batch
-(DistributedDataParallel); in one process with several GPUs DataParallel splits the batch. The
+(DistributedDataParallel); in one process with several GPUs DataParallel splits the batch. Mixed
+precision: --fp16 (float16 autocast and a gradient scaler; bfloat16 on a CPU), --bf16; on a GPU
+bfloat16 autocast is the default where supported, --fp32 turns it off. The
 environment variable HARD_NCE_STOP_AFTER_EPOCH=N ends the run after epoch N is saved (the tests
 use it to check that a resumed run ends where an uninterrupted one does).
 """
@@ -30,11 +32,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
 from data_loader import Zeshel, read_candidates
-from utils import (amp_dtype, autocast, barrier, build_optimizer, build_scheduler, check_flag,
-                   check_positive, cleanup_runtime, cli_main, describe_runtime, die, get_logger,
-                   grad_scaler, load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
-                   optimizer_step, progress, rng_state, save_checkpoint, set_rng_state, set_seed,
-                   setup_runtime, unwrap, write_json)
+from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
+                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
+                   describe_runtime, die, get_logger, grad_scaler, load_checkpoint, load_encoder,
+                   load_tokenizer, num_training_steps, optimizer_step, progress, rng_state,
+                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
 
 def parse_args(argv=None):
@@ -74,9 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--mention_use_codes", action="store_true")
     p.add_argument("--entity_use_codes", action="store_true")
     p.add_argument("--inputmark", action="store_true", help="wrap mentions in [unused0]/[unused1]")
-    p.add_argument("--fp16", action="store_true", help="float16 autocast + gradient scaler")
+    add_precision_args(p)  # --fp16, --bf16, --fp32
     p.add_argument("--fp16_opt_level", default="O1", help="accepted for compatibility (no apex)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
     args = p.parse_args(argv)
@@ -154,7 +155,8 @@ def evaluate(model, data, args, rt, dtype, epoch):
     model.eval()
     correct = torch.zeros(len(kept), dtype=torch.long, device=rt.device)  # (M,)
     batches = loader(dataset, args.eval_batchsize, args, rt, shuffle=False)
-    for index, *inputs in progress(batches, desc="evaluation", disable=args.quiet or not rt.is_main):
+    quiet = args.quiet or not rt.is_main
+    for index, *inputs in progress(batches, desc="evaluation", disable=quiet):
         with autocast(rt.device, dtype):
             scores = model(*(t.to(rt.device, non_blocking=True) for t in inputs))  # (B, C)
         correct[index.to(rt.device)] = reranker.gold_on_top(scores).long()
@@ -199,7 +201,7 @@ def run(args, rt):
                f"{args.B} mentions do not split evenly over {rt.world_size} processes")
     log.info("args: %s", " ".join(f"--{k} {v}" for k, v in vars(args).items()))
     log.info(describe_runtime(rt, args.B, args.gradient_accumulation_steps))
-    dtype = amp_dtype(args.fp16, args.bf16, rt.device, log)
+    dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
     paths = {"best": args.model, "last": args.model + ".last",
              "results": args.model + ".results.json"}
@@ -281,7 +283,8 @@ def run(args, rt):
         train_model.train()
         batches = loader(train, args.B // rt.world_size, args, rt, shuffle=True, epoch=epoch)
         running, count = torch.zeros((), device=rt.device), 0
-        for i, (_, *inputs) in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)):
+        bar = progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)
+        for i, (_, *inputs) in enumerate(bar):
             update = (i + 1) % accum == 0 or i + 1 == len(batches)
             no_sync = rt.distributed and not update  # DDP: all-reduce on the update step only
             with train_model.no_sync() if no_sync else contextlib.nullcontext():

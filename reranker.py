@@ -51,10 +51,11 @@ def prepare_candidates(candidates, gold, C, training):
 def candidate_indices(entities, mentions, cands, C, training, path):
     """Entity indices of each mention's prepared candidates, gold at 0.
 
-    entities: the split's EntitySet; cands: {mention_id: [document ids]} (data_loader.read_candidates);
-    path: the candidates file, named in errors. Returns (rows, kept): rows[i] is an int64 array
-    of mention i's candidate indices (None where the mention is dropped in evaluation), kept (M,)
-    bool: the gold is among the first C candidates.
+    entities: the split's EntitySet; cands: {mention_id: [document ids]}
+    (data_loader.read_candidates); path: the candidates file, named in errors.
+    Returns (rows, kept): rows[i] is an int64 array of mention i's candidate indices (None where
+    the mention is dropped in evaluation), kept (M,) bool: the gold is among the first C
+    candidates.
     """
     rows, kept = [], np.zeros(len(mentions), dtype=bool)
     for i, m in enumerate(mentions):
@@ -178,8 +179,8 @@ def collate(items):
     out = []
     for k in range(1, len(items[0])):
         parts = [it[k] for it in items]
-        t = torch.zeros((len(parts), max(p.shape[0] for p in parts), max(p.shape[1] for p in parts)),
-                        dtype=torch.long)  # (B, C, L)
+        C, L = (max(p.shape[d] for p in parts) for d in (0, 1))
+        t = torch.zeros((len(parts), C, L), dtype=torch.long)  # (B, C, L)
         for b, p in enumerate(parts):
             t[b, :p.shape[0], :p.shape[1]] = p
         out.append(t)

@@ -38,7 +38,8 @@ def tiny(tmp_path_factory):
     rows = [{"mention_id": f"m{i}", "context_document_id": c, "label_document_id": g,
              "start_index": s, "end_index": e, "text": "", "corpus": "w"}
             for i, (c, g, s, e) in enumerate(mentions)]
-    (root / "data" / "mentions" / "train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "data" / "mentions" / "train.json").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
     return load_tokenizer(str(root / "bert")), Zeshel(str(root / "data"), ("train",))
 
 
@@ -49,7 +50,8 @@ def tokens(tokenizer, ids):
 def test_pair_encoding_hand_worked(tiny):
     tokenizer, zeshel = tiny
     L = 16  # mention budget (16 - 3) // 2 = 6 pieces, entity budget 16 - 3 - 6 = 7
-    plain, marked = (reranker.encode_split(tokenizer, zeshel, "train", [np.array([0, 1])] * 3, L, mark)
+    rows = [np.array([0, 1])] * 3
+    plain, marked = (reranker.encode_split(tokenizer, zeshel, "train", rows, L, mark)
                      for mark in (False, True))
     # mention 0: rest = 6 - 1 = 5, half = ceil(5 / 2) = 3 left pieces, then the right side
     assert tokens(tokenizer, plain[0][0]) == ["lc", "ld", "le", "mm", "ra", "rb"]
@@ -86,8 +88,10 @@ def test_collate_pads_rows_and_cuts_length(tiny):
     dataset = reranker.CandidateDataset([0, 1], rows, mention_ids, entity_ids, L, tokenizer)
     index, ids, types, mask = reranker.collate([dataset[0], dataset[1]])
     assert index.tolist() == [0, 1]
-    # L = 40: mention budget 18 (mention 0: 11 pieces, mention 1: 8), entity budget 19 (E1: 9, E2: 1)
-    assert (len(mention_ids[0]), len(mention_ids[1]), len(entity_ids[0]), len(entity_ids[1])) == (11, 8, 9, 1)
+    # L = 40: mention budget 18 (mention 0: 11 pieces, mention 1: 8), entity budget 19 (E1: 9,
+    # E2: 1)
+    lengths = [len(mention_ids[0]), len(mention_ids[1]), len(entity_ids[0]), len(entity_ids[1])]
+    assert lengths == [11, 8, 9, 1]
     assert ids.shape == (2, 3, 1 + 8 + 1 + 9 + 1)  # cut to the longest pair, not L
     assert mask.sum(-1).tolist() == [[15, 0, 0], [20, 12, 12]]
     assert ids[0, 1:].sum() == 0 and types[0, 1:].sum() == 0  # the missing candidates
@@ -106,8 +110,9 @@ def test_prepare_candidates():
 
 
 def test_candidate_indices_and_unknown_documents():
-    entities = EntitySet(["w", "v"], {"w": {d: {"title": "", "text": ""} for d in ("w0", "w1", "w2")},
-                                      "v": {d: {"title": "", "text": ""} for d in ("v0", "v1")}})
+    blank = {"title": "", "text": ""}
+    entities = EntitySet(["w", "v"], {"w": {d: blank for d in ("w0", "w1", "w2")},
+                                      "v": {d: blank for d in ("v0", "v1")}})
     # worlds sorted: v0 = 0, v1 = 1, w0 = 2, w1 = 3, w2 = 4
     mentions = [{"mention_id": "m0", "corpus": "w", "label_document_id": "w2"},
                 {"mention_id": "m1", "corpus": "v", "label_document_id": "v0"}]
@@ -203,8 +208,9 @@ def test_retriever_scorers_over_candidates(type_model):
         scores = model(mention, mention_mask, cands, cand_mask)  # (2, 3)
         # the same as the retriever's own training loss over these candidates
         expected = model.retriever(mention[:, 0], mention_mask[:, 0], cands, cand_mask)
-        assert torch.allclose(torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long),
-                                                                reduction="none"), expected, atol=1e-5)
+        ours = torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long),
+                                                 reduction="none")
+        assert torch.allclose(ours, expected, atol=1e-5)
         cand_mask[1, 2] = 0
         cands[1, 2] = 0
         partial = model(mention, mention_mask, cands, cand_mask)
@@ -214,9 +220,11 @@ def test_retriever_scorers_over_candidates(type_model):
 
 def test_ranking_loss_and_gold_on_top():
     scores = torch.tensor([[2.0, 1.0, float("-inf")], [0.0, 3.0, 1.0]])
-    expected = -(2.0 - math.log(math.exp(2) + math.exp(1)) + 0.0 - math.log(1 + math.exp(3) + math.exp(1))) / 2
+    expected = -((2.0 - math.log(math.exp(2) + math.exp(1)))
+                 + (0.0 - math.log(1 + math.exp(3) + math.exp(1)))) / 2
     assert abs(reranker.ranking_loss(scores).item() - expected) < 1e-6
-    ties = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.5, float("-inf")], [0.0, float("-inf"), float("-inf")]])
+    inf = float("inf")
+    ties = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.5, -inf], [0.0, -inf, -inf]])
     assert reranker.gold_on_top(ties).tolist() == [False, True, True]
     assert reranker.gold_on_top(torch.tensor([[5.0], [-1.0]])).tolist() == [True, True]
 

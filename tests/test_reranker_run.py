@@ -2,35 +2,13 @@
 resumes to the same metrics, and user mistakes end in one line with status 2."""
 import json
 import os
-import random
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, write_candidates
 
 C = 8
-
-
-def write_candidates(data_dir, cands_dir, C, seed=0):
-    """For every train/val/test mention: C documents of its world in a fixed pseudo-random order,
-    the gold among them for about three mentions in four (so that evaluation culls some)."""
-    os.makedirs(cands_dir, exist_ok=True)
-    docs = {}
-    for name in sorted(os.listdir(os.path.join(data_dir, "documents"))):
-        with open(os.path.join(data_dir, "documents", name)) as f:
-            docs[name[:-len(".json")]] = [json.loads(line)["document_id"] for line in f]
-    for split in ("train", "val", "test"):
-        rng = random.Random(f"{seed}-{split}")
-        with open(os.path.join(data_dir, "mentions", f"{split}.json")) as f:
-            mentions = [json.loads(line) for line in f]
-        with open(os.path.join(cands_dir, f"candidates_{split}.json"), "w") as f:
-            for m in mentions:
-                cands = rng.sample([d for d in docs[m["corpus"]] if d != m["label_document_id"]], C)
-                if rng.random() < 0.75:
-                    cands[rng.randrange(C)] = m["label_document_id"]
-                f.write(json.dumps({"mention_id": m["mention_id"], "candidates": cands}) + "\n")
-    return cands_dir
 
 
 @pytest.fixture(scope="module")
