@@ -39,6 +39,10 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
 
+SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
+               "entity_use_codes")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint path to write (required); also <model>.last, "
@@ -206,6 +210,20 @@ def run(args, rt):
     paths = {"best": args.model, "last": args.model + ".last",
              "results": args.model + ".results.json"}
 
+    state = None
+    if args.resume_training:
+        state = load_checkpoint(paths["last"], flag="--resume_training")
+        keys = ("args", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "losses",
+                "best_score", "rng", "results")
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        check_flag(not missing, "--resume_training",
+                   f"{paths['last']} is not a reranker's training state (no {missing[:1]})")
+        # dual, multi_vector, poly and sum_max have state dicts of one shape: compare the flags
+        for flag in SHAPE_FLAGS[:1 if args.type_model == "full" else None]:
+            saved, now = state.get("args", {}).get(flag), getattr(args, flag)
+            check_flag(saved == now, f"--{flag}",
+                       f"{paths['last']} was trained with --{flag} {saved}, not {now}")
+
     zeshel = Zeshel(args.data, ("train", "val", "test"), flag="--data")
     name = args.pretrained or reranker.MODEL_NAMES[args.type_bert]
     tokenizer = load_tokenizer(name)
@@ -234,8 +252,7 @@ def run(args, rt):
 
     start_epoch, step, losses, best = 0, 0, [], float("-inf")
     results = {"eval_method": args.eval_method, "val": [], "test": None}
-    if args.resume_training:
-        state = load_checkpoint(paths["last"], flag="--resume_training")
+    if state is not None:
         load_weights(model, state["model"], paths["last"], "--resume_training")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -158,6 +158,16 @@ def test_user_errors(toy, cands, tmp_path, capsys):
     fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--resume_training"],
                "--resume_training", model + ".last")
 
+    other = str(tmp_path / "other.pt")
+    state = {k: {} for k in ("model", "optimizer", "scheduler", "scaler", "rng", "results")}
+    torch.save({**state, "args": {"type_model": "dual"}, "epoch": 1, "step": 1, "losses": [],
+                "best_score": 0.0}, other + ".last")
+    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
+                        "--resume_training"], "--type_model", "dual")
+    torch.save({"model": {}}, other + ".last")
+    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
+                        "--resume_training"], "--resume_training", "not a reranker's training state")
+
     partial = tmp_path / "partial"
     partial.mkdir()
     with open(os.path.join(cands, "candidates_train.json")) as f:
