@@ -44,10 +44,12 @@ SIZES = {
               "bert": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=512),
               "enc_batch": 64, "ret_B": 2, "ret_C": 8, "ret_len": 64, "rr_B": 1, "rr_C": 8,
-              "rr_L": 128, "matmul": 1024, "repeats": 2},
+              "rr_L": 128, "matmul": 2048, "repeats": 3},
     # Zeshel-sized stages on a GPU (bert-base, 128 vectors of 768, the recipe's batches)
     "zeshel": {"tok_entities": 20000, "tok_loop_entities": 1000, "words": 400,
                "M": 2048, "E": 32768, "vecs": 128, "dim": 768, "entity_bsz": 4096,
+               # the full score tensor of M x 128 x E x 128 must fit: compare both paths smaller
+               "cmp_M": 256, "cmp_E": 2048,
                "bert": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             intermediate_size=3072),
                "enc_batch": 1024, "ret_B": 16, "ret_C": 65, "ret_len": 128, "rr_B": 2,
@@ -237,10 +239,10 @@ def bench_scoring_path(cfg, path, dtype_name, device):
             "peak_bytes": int(peak)}
 
 
-def bench_scoring_in_child(size, path, dtype_name, device_name):
+def bench_scoring_in_child(size, path, dtype_name, device_name, entity_scale=1):
     """Run one scoring path in a fresh process (for a clean peak-memory reading)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size, "--device", device_name,
-           "--_scoring_child", f"{path}:{dtype_name}"]
+           "--_scoring_child", f"{path}:{dtype_name}:{entity_scale}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -448,7 +450,10 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
 
     if args._scoring_child:
-        path, dtype_name = args._scoring_child.split(":")
+        path, dtype_name, scale = args._scoring_child.split(":")
+        # scale 0: the side-by-side comparison sizes; n: n times the entities
+        cfg = (dict(cfg, M=cfg["cmp_M"], E=cfg["cmp_E"]) if scale == "0"
+               else dict(cfg, E=cfg["E"] * int(scale)))
         print(json.dumps(bench_scoring_path(cfg, path, dtype_name, device)))
         return 0
 
@@ -466,11 +471,18 @@ def main(argv=None):
     print("scoring ...", file=sys.stderr)
     s = {"streaming_equals_full": check_streaming_equals_full(cfg, device)}
     for dt in dtypes:
-        for path in ("streaming", "full"):
-            r = bench_scoring_in_child(size, path, dt, device.type)
+        runs = [("streaming", 1, "")]
+        if "cmp_M" in cfg:  # side by side at sizes where the full tensor fits
+            runs += [("streaming", 0, "_compare"), ("full", 0, "_compare")]
+        else:
+            runs += [("full", 1, "")]
+        for path, scale, tag in runs:
+            r = bench_scoring_in_child(size, path, dt, device.type, scale)
             if "flop_per_s" in r:
                 r["of_matmul"] = r["flop_per_s"] / res["matmul"][dt]
-            s[f"{path}_{dt}"] = r
+            s[f"{path}_{dt}{tag}"] = r
+    # the streaming path's memory is set by its budget: four times the entities, the same peak
+    s[f"streaming_{fast}_4x_entities"] = bench_scoring_in_child(size, "streaming", fast, device.type, 4)
     res["scoring"] = s
     res["scoring_dtype"] = fast
 
