@@ -83,13 +83,35 @@ class Runtime:
         return self.world_size > 1
 
 
+def usable_gpus(gpus):
+    """The ids of `--gpus` that exist on this machine, as a CUDA_VISIBLE_DEVICES string, or None
+    to leave the visible devices as they are. The released command lines name the original
+    authors' GPUs (`--gpus 3,4,5,7`): on a machine with fewer, ids that do not exist are dropped
+    with a notice, and when none exists every GPU of the machine is used (rather than none)."""
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    try:  # GPUs on the machine whatever CUDA_VISIBLE_DEVICES says, without starting CUDA
+        count = torch.cuda._raw_device_count_nvml()
+    except Exception:
+        count = -1
+    if count < 0:  # unknown (no NVIDIA driver): do as asked
+        return ",".join(ids)
+    keep = [g for g in ids if g.isdigit() and int(g) < count]
+    if keep != ids and os.environ.get("RANK", "0") == "0":
+        use = ",".join(keep) if keep else (f"all {count}" if count else "the CPU")
+        print(f"notice: --gpus {gpus}: this machine has {count} GPU(s) (ids 0 to {count - 1}); "
+              f"using {use}", file=sys.stderr, flush=True)
+    return ",".join(keep) if keep else None
+
+
 def setup_runtime(gpus=None):
     """Pick the device(s). `gpus` is the `--gpus` string ("0,1,2"): it sets CUDA_VISIBLE_DEVICES
     (before CUDA starts). Under torchrun each process takes GPU LOCAL_RANK and the process group is
     started with NCCL on GPUs, Gloo on CPU. Without torchrun, several visible GPUs are driven by
     one process through DataParallel (n_gpu > 1)."""
     if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        usable = usable_gpus(gpus)
+        if usable:
+            os.environ["CUDA_VISIBLE_DEVICES"] = usable
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
