@@ -24,7 +24,6 @@ environment variable HARD_NCE_STOP_AFTER_EPOCH=N ends the run after epoch N is s
 use it to check that a resumed run ends where an uninterrupted one does).
 """
 import argparse
-import contextlib
 import os
 
 import torch
@@ -34,9 +33,10 @@ import reranker
 from data_loader import Zeshel, read_candidates
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, load_checkpoint, load_encoder,
-                   load_tokenizer, num_training_steps, optimizer_step, progress, rng_state,
-                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, write_json)
+                   describe_runtime, die, get_logger, grad_scaler, gradient_sync,
+                   load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
+                   optimizer_step, progress, rng_state, save_checkpoint, set_rng_state, set_seed,
+                   setup_runtime, unwrap, write_json)
 
 
 SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
@@ -303,8 +303,7 @@ def run(args, rt):
         bar = progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)
         for i, (_, *inputs) in enumerate(bar):
             update = (i + 1) % accum == 0 or i + 1 == len(batches)
-            no_sync = rt.distributed and not update  # DDP: all-reduce on the update step only
-            with train_model.no_sync() if no_sync else contextlib.nullcontext():
+            with gradient_sync(train_model, rt, update):
                 with autocast(rt.device, dtype):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = reranker.ranking_loss(scores)  # scores (B, C), the gold at 0

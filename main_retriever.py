@@ -25,7 +25,6 @@ after epoch N is saved (the tests use it to check that a resumed run ends where 
 one does).
 """
 import argparse
-import contextlib
 import os
 
 import torch
@@ -36,7 +35,7 @@ from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, ch
                        rank_split, ranking_entry, training_candidates, vector_counts)
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, load_checkpoint,
+                   describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
                    num_training_steps, optimizer_step, progress, rng_state, save_checkpoint,
                    set_rng_state, set_seed, setup_runtime, unwrap, write_json)
 
@@ -268,8 +267,7 @@ def main(argv=None):
                       train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to),
                       log_q[own].to(**to) if adjusted else None)
             sync = (i + 1) % accum == 0
-            no_sync = rt.distributed and not sync   # DDP: all-reduce only on the update step
-            with train_model.no_sync() if no_sync else contextlib.nullcontext():
+            with gradient_sync(train_model, rt, sync):
                 with autocast(device, dtype):
                     loss = train_model(*inputs).mean() / accum
                 scaler.scale(loss).backward()

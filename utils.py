@@ -143,6 +143,14 @@ def describe_runtime(rt, batch=None, accumulation=1):
     return line
 
 
+def gradient_sync(train_model, rt, update):
+    """The context for one accumulated backward pass: under DistributedDataParallel, gradients
+    are all-reduced only on the step that updates the weights (`update`), not on every batch."""
+    if rt.distributed and not update:
+        return train_model.no_sync()
+    return contextlib.nullcontext()
+
+
 def barrier(rt):
     if rt.distributed:
         torch.distributed.barrier()
