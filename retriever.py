@@ -548,7 +548,7 @@ def hits(ranked, golds, k):
 
 
 def percent(x):
-    return 100.0 * float(x.float().mean()) if x.numel() else 0.0
+    return 100.0 * float(x.double().mean()) if x.numel() else 0.0
 
 
 def recall_table(ranked, golds, mention_worlds, worlds, ks):
