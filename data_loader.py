@@ -191,7 +191,8 @@ def retriever_mention_window(left, mention, right, max_len, start=MENTION_START,
     half = rest // 2
     if len(left) > half:
         n = half if len(right) > half else rest - len(right)
-        left = left[len(left) - n:]  # n may be 0: keep nothing (the original's left[-0:] kept all)
+        left = left[max(0, len(left) - n):]  # n = 0 keeps nothing (the original's left[-0:]
+        #                                      kept all); n > len(left) keeps all
     window = list(left) + [start] + list(mention) + [end] + list(right)
     return window[:b]
 
@@ -220,7 +221,7 @@ def reranker_mention_window(left, mention, right, budget, inputmark=False, start
     half = int(math.ceil(rest / 2))
     if len(left) >= half:
         n = half if len(right) >= half else rest - len(right)
-        left = left[len(left) - n:]
+        left = left[max(0, len(left) - n):]
     return (list(left) + list(mention) + list(right))[:budget]
 
 

@@ -39,6 +39,11 @@ def test_short_right_context_gives_its_room_to_the_left():
     assert retriever_mention_window(seq("l", 5), ["m"], ["r1"], 10) == ["l2", "l3", "l4", "l5", U0, "m", U1, "r1"]
 
 
+def test_short_right_context_with_more_room_than_left_keeps_all_of_left():
+    # rest = 9, half = 4: left (6) > half, right (0) <= half: rest - len(right) = 9 > len(left)
+    assert retriever_mention_window(seq("l", 6), ["m"], [], 14) == seq("l", 6) + [U0, "m", U1]
+
+
 def test_short_left_context_is_kept_whole():
     assert retriever_mention_window(["l1"], ["m"], seq("r", 9), 10) == ["l1", U0, "m", U1, "r1", "r2", "r3", "r4"]
 
@@ -71,6 +76,11 @@ def test_reranker_window_centres_with_ceil_half():
     assert reranker_mention_window(left, ["M"], ["x"], 6) == ["a", "b", "c", "d", "M", "x"]
     assert reranker_mention_window(["a"], ["M"], right, 6) == ["a", "M", "x", "y", "z", "w"]
     assert reranker_mention_window([], ["M"], [], 6) == ["M"]
+
+
+def test_reranker_window_short_right_keeps_all_of_left():
+    # budget 8: rest = 7, half = 4; right (0) < half: rest - len(right) = 7 > len(left) = 6
+    assert reranker_mention_window(list("abcdef"), ["M"], [], 8) == list("abcdef") + ["M"]
 
 
 def test_reranker_window_mention_reaching_budget():
