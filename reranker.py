@@ -130,9 +130,9 @@ def encode_split(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
 # ----------------------------------------------------------------------------------------------
 # A mention's inputs, built when asked for
 
-def _padded(rows, width):
-    """(len(rows), width) ids and mask of id lists, zero-padded."""
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
+def _padded(rows, width, pad_id=0):
+    """(len(rows), width) ids (padded with pad_id) and mask of id lists."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
@@ -146,8 +146,8 @@ class CandidateDataset(Dataset):
 
     pairs=True (`full`): item i is (mention index, ids, token types, mask), each (C_i, L_i): the
     `[CLS] mention [SEP] entity [SEP]` pairs (data_loader.reranker_pair), cut to the longest.
-    pairs=False: (mention index, mention ids, mention mask (1, L_m), candidate ids, candidate
-    mask (C_i, L_e)): separate windows for the retriever scorers.
+    pairs=False: (mention index, mention ids, mention mask (1, L), candidate ids, candidate
+    mask (C_i, L)): separate windows for the retriever scorers, padded to L.
     """
 
     def __init__(self, mentions, rows, mention_ids, entity_ids, L, tokenizer, pairs=True):
@@ -163,9 +163,10 @@ class CandidateDataset(Dataset):
         m = self.mentions[i]
         window = self.mention_ids[m]
         entities = [self.entity_ids[e] for e in self.rows[m]]
-        if not self.pairs:
-            return (m, *_padded([window], len(window)),
-                    *_padded(entities, max(len(e) for e in entities)))
+        if not self.pairs:  # padded to L, as the retriever's windows: without codes the first
+            # token states are the vectors, padding included, so a batch must not change them
+            pad = self.special[2]
+            return (m, *_padded([window], self.L, pad), *_padded(entities, self.L, pad))
         pairs = [reranker_pair(window, e, self.L, *self.special) for e in entities]
         ids, types, mask = (torch.tensor([p[k] for p in pairs], dtype=torch.long) for k in range(3))
         width = int(mask.sum(1).max())
