@@ -36,7 +36,7 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync,
                    load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
                    optimizer_step, progress, rng_state, save_checkpoint, set_rng_state, set_seed,
-                   setup_runtime, unwrap, write_json)
+                   setup_runtime, unwrap, update_step, write_json)
 
 
 SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
@@ -256,7 +256,8 @@ def run(args, rt):
         load_weights(model, state["model"], paths["last"], "--resume_training")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run began without a float16 scaler
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step, losses = state["epoch"], state["step"], list(state["losses"])
         best, results = state["best_score"], state["results"]
         set_rng_state(state["rng"])
@@ -302,7 +303,7 @@ def run(args, rt):
         running, count = torch.zeros((), device=rt.device), 0
         bar = progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)
         for i, (_, *inputs) in enumerate(bar):
-            update = (i + 1) % accum == 0 or i + 1 == len(batches)
+            update = update_step(i, len(batches), accum)
             with gradient_sync(train_model, rt, update):
                 with autocast(rt.device, dtype):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))

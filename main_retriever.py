@@ -37,7 +37,7 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
                    num_training_steps, optimizer_step, progress, rng_state, save_checkpoint,
-                   set_rng_state, set_seed, setup_runtime, unwrap, write_json)
+                   set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
 
 
 def parse_args(argv=None):
@@ -181,10 +181,10 @@ def main(argv=None):
     check_flag(args.max_len <= positions, "--max_len",
                f"{args.max_len} is longer than the encoder's {positions} positions")
     pin = device.type == "cuda"
-    data = {split: encode_split(tokenizer, zeshel, split, args.max_len, pin)
-            for split in ("train", "val", "test")}
-    train = data["train"]
-    N, E = train.golds.shape[0], len(train.entities)
+    splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")  # 0: no training
+    data = {split: encode_split(tokenizer, zeshel, split, args.max_len, pin) for split in splits}
+    train = data.get("train")
+    N, E = len(zeshel.mentions["train"]), len(zeshel.entities("train"))
     log.info("train %d mentions / %d entities, val %d / %d, test %d / %d", N, E,
              *[x for s in ("val", "test") for x in (len(data[s].golds), len(data[s].entities))])
 
@@ -204,7 +204,8 @@ def main(argv=None):
                 f"flags ask for")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run began without a float16 scaler
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step, best_score = state["epoch"], state["step"], state["best_score"]
         losses, results = state["losses"], state["results"]
         set_rng_state(state["rng"])
@@ -266,7 +267,7 @@ def main(argv=None):
                       train.entity_ids[cands.view(-1)].view(b, c, -1).to(**to),
                       train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to),
                       log_q[own].to(**to) if adjusted else None)
-            sync = (i + 1) % accum == 0
+            sync = update_step(i, len(batches), accum)
             with gradient_sync(train_model, rt, sync):
                 with autocast(device, dtype):
                     loss = train_model(*inputs).mean() / accum

@@ -151,6 +151,12 @@ def gradient_sync(train_model, rt, update):
     return contextlib.nullcontext()
 
 
+def update_step(i, num_batches, accumulation):
+    """Whether batch i (from 0) ends an accumulation group: every `accumulation` batches, and the
+    last batch of the epoch, so that no computed gradient is thrown away."""
+    return (i + 1) % accumulation == 0 or i + 1 == num_batches
+
+
 def barrier(rt):
     if rt.distributed:
         torch.distributed.barrier()
@@ -214,7 +220,7 @@ def build_optimizer(model, lr, weight_decay=0.0, adam_epsilon=1e-8, simpleoptim=
     """AdamW with no weight decay for biases and LayerNorm weights; `simpleoptim`: plain Adam."""
     if simpleoptim:
         return torch.optim.Adam(model.parameters(), lr=lr)
-    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "norm.weight")
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     decay, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
