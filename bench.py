@@ -241,7 +241,8 @@ def bench_scoring_path(cfg, path, dtype_name, device):
 
 def bench_scoring_in_child(size, path, dtype_name, device_name, entity_scale=1):
     """Run one scoring path in a fresh process (for a clean peak-memory reading)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size, "--device", device_name,
+    cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size,
+           "--device", str(device_name),
            "--_scoring_child", f"{path}:{dtype_name}:{entity_scale}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -477,19 +478,22 @@ def main(argv=None):
         else:
             runs += [("full", 1, "")]
         for path, scale, tag in runs:
-            r = bench_scoring_in_child(size, path, dt, device.type, scale)
+            r = bench_scoring_in_child(size, path, dt, device, scale)
             if "flop_per_s" in r:
                 r["of_matmul"] = r["flop_per_s"] / res["matmul"][dt]
             s[f"{path}_{dt}{tag}"] = r
     # the streaming path's memory is set by its budget: four times the entities, the same peak
-    s[f"streaming_{fast}_4x_entities"] = bench_scoring_in_child(size, "streaming", fast, device.type, 4)
+    s[f"streaming_{fast}_4x_entities"] = bench_scoring_in_child(size, "streaming", fast, device, 4)
     res["scoring"] = s
     res["scoring_dtype"] = fast
 
     print("encoders ...", file=sys.stderr)
     enc_dtype = getattr(torch, args.dtype or fast)
     res["encoders"] = bench_encoders(cfg, device, None if enc_dtype == torch.float32 else enc_dtype)
-    ref = res["matmul"]["bfloat16" if enc_dtype == torch.bfloat16 else "float32"]
+    ref_name = "bfloat16" if enc_dtype == torch.bfloat16 else "float32"
+    if ref_name not in res["matmul"]:  # e.g. --dtype bfloat16 on a CPU
+        res["matmul"][ref_name] = matmul_rate(cfg["matmul"], enc_dtype, device, cfg["repeats"])
+    ref = res["matmul"][ref_name]
     for r in res["encoders"].values():
         r["mfu"] = r["flop_per_s"] / ref
     res["projection"] = project(res, cfg)

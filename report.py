@@ -66,10 +66,6 @@ def run_name(path):
     return f"{folder}/{name}" if folder else name
 
 
-def _last(entries):
-    return entries[-1] if isinstance(entries, list) and entries else entries or None
-
-
 def _best(entries, key):
     if not isinstance(entries, list) or not entries:
         return None
