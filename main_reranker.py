@@ -227,6 +227,10 @@ def run(args, rt):
     zeshel = Zeshel(args.data, ("train", "val", "test"), flag="--data")
     name = args.pretrained or reranker.MODEL_NAMES[args.type_bert]
     tokenizer = load_tokenizer(name)
+    encoder = load_encoder(name, tokenizer)
+    positions = getattr(encoder.config, "max_position_embeddings", args.L)
+    check_flag(args.L <= positions, "--L", f"{args.L} is longer than the {positions} positions "
+               f"of {name}")
     train, _ = load_split(args, zeshel, tokenizer, "train", training=True)
     log.info(f"train: {len(train)} mentions, the first {args.C} candidates each, the gold first "
              f"(added where missing)")
@@ -237,10 +241,6 @@ def run(args, rt):
         log.info(f"{split}: {len(kept)} mentions, {int(kept.sum())} with the gold among the first "
                  f"{args.C_eval} candidates ({100.0 * kept.mean():.2f}%)")
 
-    encoder = load_encoder(name, tokenizer)
-    positions = getattr(encoder.config, "max_position_embeddings", args.L)
-    check_flag(args.L <= positions, "--L", f"{args.L} is longer than the {positions} positions "
-               f"of {name}")
     model = reranker.build_ranker(args.type_model, encoder, args.init, args.num_mention_vecs,
                                   args.num_entity_vecs, args.mention_use_codes,
                                   args.entity_use_codes).to(rt.device)
