@@ -35,8 +35,8 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync,
                    load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
-                   optimizer_step, progress, rng_state, save_checkpoint, set_rng_state, set_seed,
-                   setup_runtime, unwrap, update_step, write_json)
+                   optimizer_step, progress, rng_state, RunningMean, save_checkpoint,
+                   set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
 
 
 SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
@@ -300,7 +300,7 @@ def run(args, rt):
     for epoch in range(start_epoch, args.epochs):
         train_model.train()
         batches = loader(train, args.B // rt.world_size, args, rt, shuffle=True, epoch=epoch)
-        running, count = torch.zeros((), device=rt.device), 0
+        running = RunningMean(rt.device)
         bar = progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)
         for i, (_, *inputs) in enumerate(bar):
             update = update_step(i, len(batches), accum)
@@ -309,17 +309,15 @@ def run(args, rt):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = reranker.ranking_loss(scores)  # scores (B, C), the gold at 0
                 scaler.scale(loss / accum).backward()
-            running += loss.detach()  # summed on the device: no synchronization per step
-            count += 1
+            running.add(loss)
             if not update:
                 continue
             optimizer_step(model, optimizer, scheduler, scaler, args.clip)
             step += 1
             if step % args.logging_steps == 0:
-                losses.append(float(running) / count)
+                losses.append(running.pop())
                 log.info(f"epoch {epoch + 1} step {step}/{total}: loss {losses[-1]:.4f} "
                          f"lr {scheduler.get_last_lr()[0]:.3g}")
-                running, count = torch.zeros((), device=rt.device), 0
 
         results["val"].append(evaluate(eval_model, evals["val"], args, rt, dtype, epoch + 1))
         log.info(f"epoch {epoch + 1} val: {describe(results['val'][-1], args.eval_method)}")

@@ -36,8 +36,9 @@ from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, ch
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
-                   num_training_steps, optimizer_step, progress, rng_state, save_checkpoint,
-                   set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
+                   num_training_steps, optimizer_step, progress, rng_state, RunningMean,
+                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, update_step,
+                   write_json)
 
 
 def parse_args(argv=None):
@@ -254,8 +255,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         batches = [b for b in torch.randperm(N, generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
-        running, count = torch.zeros((), device=device), 0
-        epoch_loss = torch.zeros((), device=device)
+        running, epoch_loss = RunningMean(device), RunningMean(device)
         for i, batch in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=quiet)):
             cands = training_candidates(train.golds[batch], E, num_rands, None if hard is None
                                         else hard[batch], generator)     # (B, 1 + C)
@@ -270,23 +270,21 @@ def main(argv=None):
             sync = update_step(i, len(batches), accum)
             with gradient_sync(train_model, rt, sync):
                 with autocast(device, dtype):
-                    loss = train_model(*inputs).mean() / accum
-                scaler.scale(loss).backward()
-            running += loss.detach()
-            epoch_loss += loss.detach()
-            count += 1
+                    loss = train_model(*inputs).mean()
+                scaler.scale(loss / accum).backward()
+            running.add(loss)
+            epoch_loss.add(loss)
             if not sync:
                 continue
             optimizer_step(model, optimizer, scheduler, scaler, args.clip)
             step += 1
             if step % args.logging_steps == 0:
-                losses.append(float(running) * accum / count)
+                losses.append(running.pop())
                 log.info("epoch %d step %d/%d: loss %.4f lr %.3g", epoch + 1, step, total_steps,
                          losses[-1], scheduler.get_last_lr()[0])
-                running, count = torch.zeros((), device=device), 0
 
-        log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1,
-                 float(epoch_loss) * accum / max(1, len(batches)), len(batches))
+        log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
+                 len(batches))
         entry = evaluate("val", epoch + 1)
         results["val"].append(entry)
         score = entry[key] if args.eval_criterion == "recall" else entry["accuracy"]

@@ -262,6 +262,27 @@ def optimizer_step(model, optimizer, scheduler, scaler, clip=0.0):
     optimizer.zero_grad(set_to_none=True)
 
 
+class RunningMean:
+    """The mean of scalar loss tensors, summed on their device (no synchronization per step);
+    `pop()` returns it as a float and starts over."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.total, self.count = torch.zeros((), device=self.device), 0
+
+    def add(self, value):
+        self.total += value.detach()
+        self.count += 1
+
+    def pop(self):
+        mean = float(self.total) / max(1, self.count)
+        self.reset()
+        return mean
+
+
 # ----------------------------------------------------------------------------------------------
 # Logging and progress bars
 
