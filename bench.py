@@ -29,11 +29,11 @@ import torch
 
 from utils import atomic_open, autocast, cli_main, die
 
-# The full Zeshel set (SPEC 1)
+# The full Zeshel set (docs/DESIGN.md#data)
 ZESHEL = {"train_mentions": 49275, "train_entities": 332632, "train_worlds": 8,
           "val_mentions": 10000, "val_entities": 89549, "val_worlds": 4,
           "test_mentions": 10000, "test_entities": 70140, "test_worlds": 4}
-# The paper recipe (the seed README's command lines)
+# The paper recipe (the original's command lines, README.md#reproducing-the-paper)
 RECIPE = {"max_len": 128, "vecs": 128, "retriever_B": 16, "num_cands": 64, "reranker_B": 2,
           "reranker_C": 64, "L": 256}
 

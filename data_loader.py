@@ -1,6 +1,7 @@
 """Reading and checking Zeshel, the token windows, and the encodings all three scripts share.
 
-Zeshel layout (SPEC 1): `DATA/documents/<world>.json` and `DATA/mentions/<split>.json`, JSON lines.
+Zeshel layout (docs/DESIGN.md#data): `DATA/documents/<world>.json` and
+`DATA/mentions/<split>.json`, JSON lines.
 The window functions are pure functions of token lists (no tokenizer, no model), so a test can
 call them with hand-made lists; `encode_*` turn mentions and entities into padded id tensors.
 """
@@ -178,8 +179,8 @@ def read_candidates(cands_dir, split, mentions, flag="--cands_dir"):
 # Token windows: pure functions of token (word-piece) lists
 
 def retriever_mention_window(left, mention, right, max_len, start=MENTION_START, end=MENTION_END):
-    """The retriever's mention window (SPEC 2), without [CLS]/[SEP]. The pieces may be strings or
-    ids; `start` and `end` are the markers, in the same kind.
+    """The retriever's mention window (docs/DESIGN.md#windows), without [CLS]/[SEP]. The pieces
+    may be strings or ids; `start` and `end` are the markers, in the same kind.
 
     >>> retriever_mention_window(list("abcdef"), ["M"], list("xyz"), 8)
     ['f', '[unused0]', 'M', '[unused1]', 'x', 'y']
@@ -198,7 +199,7 @@ def retriever_mention_window(left, mention, right, max_len, start=MENTION_START,
 
 
 def retriever_entity_window(title, text, max_len, title_end=TITLE_END):
-    """Title pieces + [unused2] + text pieces, cut to max_len - 2 (SPEC 2)."""
+    """Title pieces + [unused2] + text pieces, cut to max_len - 2 (docs/DESIGN.md#windows)."""
     return (list(title) + [title_end] + list(text))[:max_len - 2]
 
 
@@ -208,7 +209,8 @@ def reranker_mention_budget(L):
 
 def reranker_mention_window(left, mention, right, budget, inputmark=False, start=MENTION_START,
                             end=MENTION_END):
-    """The reranker's mention window (SPEC 6), `budget` = (L - 3) // 2 pieces at most.
+    """The reranker's mention window (docs/DESIGN.md#windows), `budget` = (L - 3) // 2 pieces
+    at most.
 
     >>> reranker_mention_window(list("abcd"), ["M"], list("xy"), 5)
     ['c', 'd', 'M', 'x', 'y']

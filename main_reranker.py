@@ -1,4 +1,4 @@
-"""Train the reranker on retrieved candidates and report linking accuracy (SPEC 6).
+"""Train the reranker on retrieved candidates and report linking accuracy (docs/DESIGN.md#reranker).
 
     python main_reranker.py --model runs/reranker.pt --data ZESHEL --cands_dir CANDS \\
         --B 2 --gradient_accumulation_steps 2 --num_workers 2 --warmup_proportion 0.2 \\
@@ -17,13 +17,12 @@ last epoch the best is reported on test. `<model>.results.json` holds every eval
 `--type_model full` is the cross-encoder; dual, multi_vector, poly and sum_max train the
 retriever's scorer (retriever.py) over the same candidates, with the retriever's windows of --L
 tokens. Under torchrun each process takes B / processes mentions of every batch
-(DistributedDataParallel); in one process with several GPUs DataParallel splits the batch. Mixed
-precision: --fp16 (float16 autocast and a gradient scaler; bfloat16 on a CPU), --bf16; on a GPU
-bfloat16 autocast is the default where supported, --fp32 turns it off. The
+(DistributedDataParallel); in one process with several GPUs DataParallel splits the batch. Float32
+by default (TF32 matrix multiplies on a GPU), as the original; mixed precision on request: --fp16
+(float16 autocast and a gradient scaler; bfloat16 on a CPU) or --bf16. The
 environment variable HARD_NCE_STOP_AFTER_EPOCH=N ends the run after epoch N is saved (the tests
 use it to check that a resumed run ends where an uninterrupted one does).
 """
-import argparse
 import os
 
 import torch
@@ -31,9 +30,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
 from data_loader import Zeshel, read_candidates
-from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
-                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, gradient_sync,
+from utils import (ArgumentParser, add_precision_args, amp_dtype, autocast, barrier,
+                   build_optimizer, build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
+                   describe_runtime, die, get_logger, grad_scaler, gradient_sync, improved,
                    load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
                    optimizer_step, progress, rng_state, RunningMean, save_checkpoint,
                    set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
@@ -44,7 +43,7 @@ SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint path to write (required); also <model>.last, "
                                     ".log, .results.json")
     p.add_argument("--data", help="Zeshel folder (required)")
@@ -52,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--L", type=int, default=256, help="tokens of a mention-entity pair")
     p.add_argument("--C", type=int, default=64, help="candidates per mention in training")
     p.add_argument("--C_eval", type=int, default=64, help="candidates per mention in evaluation")
-    p.add_argument("--B", type=int, default=16, help="mentions per batch (all processes together)")
+    p.add_argument("--B", type=int, default=8, help="mentions per batch (all processes together)")
     p.add_argument("--eval_batchsize", type=int, default=None,
                    help="mentions per evaluation batch (default: --B)")
     p.add_argument("--lr", type=float, default=2e-5)
@@ -190,8 +189,6 @@ def load_weights(model, state, path, flag):
 def main(argv=None):
     args = parse_args(argv)
     rt = setup_runtime(args.gpus)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     try:
         run(args, rt)
     finally:
@@ -277,12 +274,12 @@ def run(args, rt):
         """After an epoch's validation: the best checkpoint when it improved, the full state."""
         nonlocal best
         entry = results["val"][-1]
-        improved = entry["acc_unorm"] > best
+        better = improved(entry["acc_unorm"], best, ties_replace=False)
         best = max(best, entry["acc_unorm"])
         if rt.is_main:
             common = {"args": vars(args), "model": model.state_dict(), "epoch": epoch,
                       "step": step, "best_score": best}
-            if improved:
+            if better:
                 save_checkpoint(common, paths["best"])
                 log.info(f"new best val acc_unorm {best:.2f}: saved {paths['best']}")
             save_checkpoint({**common, "optimizer": optimizer.state_dict(),

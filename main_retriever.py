@@ -1,4 +1,5 @@
-"""Train the retriever with random, hard or mixed negatives and report recall@k (SPEC 4).
+"""Train the retriever with random, hard or mixed negatives and report recall@k
+(docs/DESIGN.md#training).
 
     python main_retriever.py --model runs/ret.pt --data_dir DATA --B 16 \\
         --gradient_accumulation_steps 2 --k 64 --epochs 4 --lr 1e-5 --num_cands 64 \\
@@ -24,7 +25,6 @@ DataParallel splits the batch. The environment variable HARD_NCE_STOP_AFTER_EPOC
 after epoch N is saved (the tests use it to check that a resumed run ends where an uninterrupted
 one does).
 """
-import argparse
 import os
 
 import torch
@@ -33,16 +33,17 @@ from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, check_worlds_hold,
                        encode_split, load_retriever, mine_hard_negatives, pretrained_name,
                        rank_split, ranking_entry, training_candidates, vector_counts)
-from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
-                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
+from utils import (ArgumentParser, add_precision_args, amp_dtype, autocast, barrier,
+                   build_optimizer, build_scheduler, check_flag, check_positive, cleanup_runtime,
+                   cli_main, describe_runtime, die, get_logger, grad_scaler, gradient_sync,
+                   improved, load_checkpoint,
                    num_training_steps, optimizer_step, progress, rng_state, RunningMean,
                    save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, update_step,
                    write_json)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model",
                    help="checkpoint path (required); also <model>.last, .log, .results.json")
     p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
@@ -51,9 +52,9 @@ def parse_args(argv=None):
                    "the counts come from --num_cands and --cands_ratio")
     p.add_argument("--type_cands", default="mixed_negative", choices=TYPE_CANDS)
     p.add_argument("--data_dir", help="Zeshel folder (required)")
-    p.add_argument("--B", type=int, default=4, help="mentions per batch")
+    p.add_argument("--B", type=int, default=128, help="mentions per batch")
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--epochs", type=int, default=4, help="0: evaluate the untrained model")
+    p.add_argument("--epochs", type=int, default=3, help="0: evaluate the untrained model")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--weight_decay", type=float, default=0.01)
@@ -152,8 +153,6 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     rt = setup_runtime(args.gpus)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
     quiet = args.quiet or not rt.is_main
     log.info("args: %s", " ".join(f"--{k} {v}" for k, v in vars(args).items()))
@@ -288,10 +287,10 @@ def main(argv=None):
         entry = evaluate("val", epoch + 1)
         results["val"].append(entry)
         score = entry[key] if args.eval_criterion == "recall" else entry["accuracy"]
-        improved = score > best_score
+        better = improved(score, best_score, ties_replace=True)
         best_score = max(best_score, score)
         if rt.is_main:
-            if improved:
+            if better:
                 save_checkpoint(checkpoint(args, model, epoch + 1, step, best_score, results),
                                 args.model)
                 log.info("new best val %s %.2f: saved %s", args.eval_criterion, score, args.model)

@@ -1,5 +1,6 @@
-"""The reranker (SPEC 6): candidate preparation, a mention's (C, L) inputs built on the fly, the
-full cross-encoder (and the retriever scorers over the same candidates), and the linking accuracies.
+"""The reranker (docs/DESIGN.md#reranker): candidate preparation, a mention's (C, L) inputs built
+on the fly, the full cross-encoder (and the retriever scorers over the same candidates), and the
+linking accuracies.
 
 - candidates: `prepare_candidates` (pure), `candidate_indices`;
 - inputs: `encode_split` (windows of the entities the candidates use, kept as `PackedIds`),
@@ -32,19 +33,22 @@ MODEL_NAMES = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
 
 def prepare_candidates(candidates, gold, C, training):
     """One mention's candidates, gold first: the first `C` of `candidates` (best first) with the
-    gold moved to index 0. Training: a gold missing from them is added in front (C + 1
-    candidates). Evaluation: None when the gold is missing (the mention leaves the normalized set).
+    gold moved to index 0. Training: a gold missing from them is put in front and the list keeps
+    C candidates in all (the C-th drops out), as the original. Evaluation: None when the gold is
+    missing (the mention leaves the normalized set). See docs/DESIGN.md#candidates.
 
     >>> prepare_candidates(["a", "b", "g", "c"], "g", 3, training=False)
     ['g', 'a', 'b']
     >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=True)
-    ['g', 'a', 'b', 'c']
+    ['g', 'a', 'b']
     >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=False) is None
     True
     """
     first = list(candidates[:C])
-    if gold not in first and not training:
-        return None
+    if gold not in first:
+        if not training:
+            return None
+        first = first[:C - 1]
     return [gold] + [c for c in first if c != gold]
 
 
@@ -101,10 +105,10 @@ def encode_split(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
     """The token ids of a split, for the entities its candidates use only.
 
     rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
-    mention's reranker window and each entity's text prefix (SPEC 6), to be joined into pairs;
+    mention's reranker window and each entity's text prefix, to be joined into pairs;
     pairs=False (the retriever scorers): the retriever's `[CLS] window [SEP]` mention and entity
-    windows of L tokens (SPEC 2). Returns (mention_ids, entity_ids, rows), the returned rows
-    indexing entity_ids instead of the EntitySet.
+    windows of L tokens (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows), the
+    returned rows indexing entity_ids instead of the EntitySet.
     """
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
@@ -226,7 +230,8 @@ class FullRanker(nn.Module):
 
 class RetrieverRanker(nn.Module):
     """`--type_model dual / multi_vector / poly / sum_max`: the retriever's two encoders and scorer
-    (retriever.Retriever, SPEC 3) over each mention's candidates, trained as the cross-encoder."""
+    (retriever.Retriever, docs/DESIGN.md#scorers) over each mention's candidates, trained as the
+    cross-encoder."""
 
     def __init__(self, retriever):
         super().__init__()

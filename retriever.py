@@ -1,5 +1,6 @@
-"""The retriever (SPEC 3-5): the four scorers, the two encoders with optional learned codes, the
-negatives, and streaming top-k scoring of mentions against a whole entity set.
+"""The retriever (docs/DESIGN.md#scorers, #negatives, #candidates): the four scorers, the two
+encoders with optional learned codes, the negatives, and streaming top-k scoring of mentions
+against a whole entity set.
 
 Everything that `main_retriever.py` and `save_candidates.py` share lives here, once:
 
@@ -107,7 +108,8 @@ SCORERS = {"dual": dual_scores, "multi_vector": multi_vector_scores, "sum_max": 
 
 
 def vector_counts(type_model, num_mention_vecs, num_entity_vecs):
-    """(m, n): how many vectors the mention and entity sides give for a scorer (SPEC 3).
+    """(m, n): how many vectors the mention and entity sides give for a scorer
+    (docs/DESIGN.md#scorers).
 
     >>> vector_counts("multi_vector", 8, 16)
     (1, 16)
@@ -137,8 +139,8 @@ class CodeAttention(nn.Module):
 
 
 def adjust_negative_scores(scores, log_q):
-    """`hard_adjusted_negative` (SPEC 4): subtract log(K q) from each negative's score, K the
-    number of negatives; the gold (column 0) is left as it is.
+    """`hard_adjusted_negative` (docs/DESIGN.md#negatives): subtract log(K q) from each
+    negative's score, K the number of negatives; the gold (column 0) is left as it is.
     scores: (B, 1 + K), log_q: (B, K) log-probabilities of the sampled negatives -> (B, 1 + K).
 
     >>> adjust_negative_scores(torch.tensor([[1., 2., 3.]]), torch.log(torch.tensor([[.5, .25]])))
@@ -216,8 +218,9 @@ def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
 # Negatives
 
 def candidate_counts(type_cands, num_cands, cands_ratio):
-    """(num_rands, num_hards) per mention (SPEC 4): mixed_negative draws int(C r) at random and
-    mines the rest; hard_negative / hard_adjusted_negative sample all C; random_negative none.
+    """(num_rands, num_hards) per mention (docs/DESIGN.md#negatives): mixed_negative draws
+    int(C r) at random and mines the rest; hard_negative / hard_adjusted_negative sample all C;
+    random_negative none.
 
     >>> candidate_counts("mixed_negative", 64, 0.5), candidate_counts("hard_negative", 64, 0.5)
     ((32, 32), (0, 64))
@@ -254,7 +257,8 @@ def sample_random_negatives(golds, num_entities, num, generator=None):
 
 
 def training_candidates(golds, num_entities, num_rands, hard=None, generator=None):
-    """Candidates of a batch, SPEC 4: [gold] + fresh random negatives + mined ones.
+    """Candidates of a batch (docs/DESIGN.md#negatives): [gold] + fresh random negatives +
+    mined ones.
 
     golds: (B,), hard: (B, H) or None -> (B, 1 + num_rands + H) entity indices, gold at 0.
     """
@@ -458,7 +462,8 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
 def mine_hard_negatives(model, mention_ids, mention_mask, entity_ids, entity_mask, golds, num, *,
                         sample=False, smoothing_value=1.0, exclude_golds=False, generator=None,
                         mention_bsz=512, entity_bsz=512, device, dtype=None, rt=None, quiet=True):
-    """Hard negatives of every mention against all entities of its split (pooled, SPEC 4).
+    """Hard negatives of every mention against all entities of its split (pooled,
+    docs/DESIGN.md#negatives).
 
     Returns (hard (M, num) int64 on the CPU, log_q (M, num) float32 or None): the `num` top-scoring
     entities (`mixed_negative`), or with `sample` a draw from softmax(smoothing_value * scores)

@@ -1,4 +1,5 @@
-"""Write each mention's top retrieved candidates, ranked within its own world (SPEC 5).
+"""Write each mention's top retrieved candidates, ranked within its own world
+(docs/DESIGN.md#candidates).
 
     python save_candidates.py --model runs/ret.pt --data_dir DATA --cands_dir runs/cands \\
         --num_cands 64 [--pretrained FOLDER] [--bf16]
@@ -13,7 +14,6 @@ it; a flag that contradicts the checkpoint stops the run. `--store_en_hiddens` a
 `--en_hidden_path` are accepted for the original's command line: entity vectors are streamed, never
 stored.
 """
-import argparse
 import os
 
 import torch
@@ -21,8 +21,8 @@ import torch
 from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
                        pretrained_name, rank_split, recall_table, vector_counts)
-from utils import (add_precision_args, amp_dtype, check_flag, check_positive, cleanup_runtime,
-                   cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
+from utils import (ArgumentParser, add_precision_args, amp_dtype, check_flag, check_positive,
+                   cleanup_runtime, cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
@@ -30,7 +30,7 @@ SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="retriever checkpoint (required)")
     p.add_argument("--data_dir", help="Zeshel folder (required)")
     p.add_argument("--cands_dir",
@@ -111,7 +111,6 @@ def main(argv=None):
     state = load_checkpoint(args.model)
     resolve_shape(args, retriever_args(state, args.model))
     rt = setup_runtime(args.gpus)
-    torch.backends.cuda.matmul.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
     quiet = args.quiet or not rt.is_main
     if args.store_en_hiddens or args.en_hidden_path:

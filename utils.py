@@ -1,5 +1,6 @@
 """What every script needs: user errors, seeds, devices and distributed runs, mixed precision,
 the optimizer and schedule, logging, progress bars, atomic files and checkpoints."""
+import argparse
 import contextlib
 import functools
 import json
@@ -38,6 +39,14 @@ def cli_main(fn):
                 os._exit(2)  # the other ranks may be waiting in a collective
             sys.exit(2)
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors (an unknown flag, a bad value, two exclusive flags) are one
+    plain line on stderr naming the flag, exit status 2, instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def check_flag(condition, flag, message):
@@ -107,7 +116,10 @@ def setup_runtime(gpus=None):
     """Pick the device(s). `gpus` is the `--gpus` string ("0,1,2"): it sets CUDA_VISIBLE_DEVICES
     (before CUDA starts). Under torchrun each process takes GPU LOCAL_RANK and the process group is
     started with NCCL on GPUs, Gloo on CPU. Without torchrun, several visible GPUs are driven by
-    one process through DataParallel (n_gpu > 1)."""
+    one process through DataParallel (n_gpu > 1). Float32 matrix multiplies may use TF32 on GPUs
+    that have it."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if gpus:
         usable = usable_gpus(gpus)
         if usable:
@@ -157,6 +169,17 @@ def update_step(i, num_batches, accumulation):
     return (i + 1) % accumulation == 0 or i + 1 == num_batches
 
 
+def improved(score, best, ties_replace):
+    """Whether an epoch's val `score` replaces the `best` so far: on a tie the later epoch wins
+    when `ties_replace` (the retriever, as the original's >=), else the earlier one stays (the
+    reranker, as the original's >) (docs/DESIGN.md#training).
+
+    >>> improved(80.0, 80.0, ties_replace=True), improved(80.0, 80.0, ties_replace=False)
+    (True, False)
+    """
+    return score >= best if ties_replace else score > best
+
+
 def barrier(rt):
     if rt.distributed:
         torch.distributed.barrier()
@@ -168,35 +191,36 @@ def cleanup_runtime(rt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mixed precision through torch.amp
+# Mixed precision through torch.amp (docs/DESIGN.md#precision)
 
 def add_precision_args(parser):
-    """--fp16 / --bf16 / --fp32: the autocast dtype (see amp_dtype)."""
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--fp32", action="store_true",
-                        help="full precision (TF32 matrix multiplies) on a GPU; the default there "
-                             "is bfloat16 autocast where the GPU supports it")
+    """--fp16 / --bf16 / --fp32, at most one of them: the autocast dtype (see amp_dtype)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fp16", action="store_true",
+                       help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
+    group.add_argument("--bf16", action="store_true",
+                       help="bfloat16 autocast (about twice as fast as float32 on a recent GPU)")
+    group.add_argument("--fp32", action="store_true",
+                       help="full precision, the default (TF32 matrix multiplies on a GPU)")
 
 
 def amp_dtype(fp16=False, bf16=False, device=None, log=None, fp32=False):
-    """The autocast dtype, or None for full precision.
+    """The autocast dtype, or None for full precision (the default, as the original).
 
     `--fp16`: float16 (needs CUDA: on a CPU it runs as bfloat16, with a one-line notice);
-    `--bf16`: bfloat16; `--fp32`: None. With none of them: bfloat16 on a GPU that supports it
-    (Ampere and later: the paper recipe fits in hours, not days), full precision elsewhere.
+    `--bf16`: bfloat16 (stops on a GPU without it); `--fp32` or none of them: None. On a GPU full
+    precision uses TF32 matrix multiplies (set by `setup_runtime`), as the original's PyTorch did.
     """
     cuda = device is not None and device.type == "cuda"
-    if fp16 or bf16:
+    if fp16:
         if not cuda:
-            if fp16 and log is not None:
+            if log is not None:
                 log.info("notice: --fp16 on a CPU runs as bfloat16 autocast")
             return torch.bfloat16
-        return torch.bfloat16 if bf16 else torch.float16
-    if cuda and not fp32 and torch.cuda.is_bf16_supported():
-        if log is not None:
-            log.info("notice: bfloat16 autocast on this GPU (the default; --fp32 for full precision)")
+        return torch.float16
+    if bf16:
+        check_flag(not cuda or torch.cuda.is_bf16_supported(), "--bf16",
+                   "this GPU does not support bfloat16 (use --fp16, or no flag for float32)")
         return torch.bfloat16
     return None
 

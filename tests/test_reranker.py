@@ -102,10 +102,15 @@ def test_prepare_candidates():
     assert reranker.prepare_candidates(cands, "g", 4, training=True) == ["g", "a", "b", "c"]
     assert reranker.prepare_candidates(cands, "g", 4, training=False) == ["g", "a", "b", "c"]
     assert reranker.prepare_candidates(cands, "g", 3, training=False) == ["g", "a", "b"]
-    # gold beyond the first C: appended in front in training (C + 1 candidates), dropped in eval
-    assert reranker.prepare_candidates(cands, "g", 2, training=True) == ["g", "a", "b"]
+    # gold beyond the first C: put in front in training, C candidates in all (the C-th drops
+    # out, as the original); dropped in evaluation
+    for C in (1, 2):
+        assert reranker.prepare_candidates(cands, "g", C, training=True) == ["g", "a", "b"][:C]
     assert reranker.prepare_candidates(cands, "g", 2, training=False) is None
+    # a list shorter than C: nothing drops out
     assert reranker.prepare_candidates(["a", "b"], "g", 64, training=True) == ["g", "a", "b"]
+    assert reranker.prepare_candidates(["a", "b"], "g", 3, training=True) == ["g", "a", "b"]
+    assert reranker.prepare_candidates(["a", "b"], "g", 2, training=True) == ["g", "a"]
     assert reranker.prepare_candidates(["g"], "g", 64, training=False) == ["g"]
 
 
@@ -178,7 +183,8 @@ def test_windows_for_the_retriever_scorers(tiny):
     mention_ids, entity_ids, rows = reranker.encode_split(
         tokenizer, zeshel, "train", [np.array([1, 0]), None, np.array([4])], 12, pairs=False)
     assert [r.tolist() if r is not None else None for r in rows] == [[1, 0], None, [2]]
-    # the retriever's windows (SPEC 2; budget 10, rest 10 - 1 - 2 = 7, half 3 left pieces):
+    # the retriever's windows (docs/DESIGN.md#windows; budget 10, rest 10 - 1 - 2 = 7, half 3
+    # left pieces):
     # markers around the mention; title [unused2] text
     assert tokens(tokenizer, mention_ids[0]) == ["[CLS]", "lc", "ld", "le", MENTION_START, "mm",
                                                  MENTION_END, "ra", "rb", "rc", "rd", "[SEP]"]

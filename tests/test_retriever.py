@@ -23,7 +23,8 @@ def test_docstring_examples_run():
 # Scorers
 
 def brute_force_score(type_model, u, v):
-    """The SPEC 3 formulas, one pair of (m, d) and (n, d) vector lists at a time."""
+    """The formulas of docs/DESIGN.md#scorers, one pair of (m, d) and (n, d) vector lists at a
+    time."""
     dot = lambda a, b: float(sum(x * y for x, y in zip(a.tolist(), b.tolist())))
     if type_model == "dual":
         return dot(u[0], v[0])
