@@ -13,8 +13,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from utils import MENTION_END, MENTION_START, TITLE_END, die
+from utils import die, quiet_transformers
 
+MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
+MARKERS = (MENTION_START, MENTION_END, TITLE_END)
 SPLITS = ("train", "heldout_train_seen", "heldout_train_unseen", "val", "test")
 MENTION_FIELDS = ("mention_id", "context_document_id", "label_document_id", "start_index",
                   "end_index", "text", "corpus")
@@ -243,7 +245,28 @@ def reranker_pair(mention_ids, entity_ids, L, cls_id, sep_id, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing (batched, fast tokenizer)
+# The tokenizer and tokenizing (batched, fast tokenizer)
+
+def model_path_hint(name):
+    """Why a pretrained folder or hub name `name` could not be loaded, for a one-line error."""
+    if os.path.isdir(name):
+        return f"{name} is a folder but holds no loadable model/tokenizer"
+    return (f"{name} is not a folder and could not be loaded from the Hugging Face hub or its "
+            f"local cache (offline? pass a local model folder with --pretrained)")
+
+
+def load_tokenizer(name, flag="--pretrained"):
+    """The fast tokenizer of `name` (a folder or hub name) with the three marker tokens registered
+    as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
+    from transformers import AutoTokenizer
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception:
+        die(f"{flag}: {model_path_hint(name)}")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    return tokenizer
+
 
 def _ids(tokenizer, texts, batch_size=4096):
     """Word-piece ids of each text (no special tokens), tokenized in batches by the fast
@@ -285,7 +308,8 @@ def marker_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids([MENTION_START, MENTION_END, TITLE_END])
 
 
-def _pad(rows, max_len, pad_id):
+def pad_rows(rows, max_len, pad_id):
+    """Id lists as padded (N, max_len) int64 ids and their attention mask (1 for tokens)."""
     ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)   # (N, L)
     mask = np.zeros((len(rows), max_len), dtype=np.int64)          # (N, L)
     for i, r in enumerate(rows):
@@ -317,7 +341,7 @@ def encode_mentions(tokenizer, zeshel, mentions, max_len):
     left, mention, right = _context_ids(tokenizer, zeshel, mentions, max_len - 1)
     rows = [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
             for l, m, r in zip(left, mention, right)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+    return pad_rows(rows, max_len, tokenizer.pad_token_id)
 
 
 def encode_entities(tokenizer, entities, max_len):
@@ -328,7 +352,7 @@ def encode_entities(tokenizer, entities, max_len):
     texts = prefix_ids(tokenizer, list(entities.texts), max_len - 2)
     rows = [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
             for t, x in zip(titles, texts)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+    return pad_rows(rows, max_len, tokenizer.pad_token_id)
 
 
 def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):

@@ -62,3 +62,70 @@ def test_argparse_errors_are_one_line(module, argv, bad, flag, tmp_path, capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert flag in err, err
+
+
+@pytest.mark.parametrize("module, argv", [
+    (main_retriever, ["--model", "m.pt"]),
+    (save_candidates, ["--model", "m.pt", "--cands_dir", "c"]),
+    (main_reranker, ["--model", "m.pt", "--cands_dir", "{tmp}"]),
+])
+@pytest.mark.parametrize("flag", ["--data", "--data_dir"])
+def test_data_and_data_dir_both_name_the_zeshel_folder(module, argv, flag, tmp_path):
+    args = module.parse_args([a.format(tmp=tmp_path) for a in argv] + [flag, "zeshel"])
+    assert args.data_dir == "zeshel"
+
+
+def test_compatibility_flags_do_nothing_and_say_so(capsys):
+    """The original's flags that have nothing to do here parse, default to None, are left out
+    of what a run records, and one notice names those given."""
+    import logging
+    import sys
+    from utils import COMPATIBILITY_FLAGS, compatibility_notice, recorded_args
+    args = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d"])
+    assert all(getattr(args, name) is None for name in
+               ("num_hards", "num_workers", "store_en_hiddens", "en_hidden_path"))
+    given = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d", "--num_hards", "10",
+                                       "--store_en_hiddens", "--en_hidden_path", "/x"])
+    assert given.num_hards == 10 and given.store_en_hiddens is True
+    assert not set(recorded_args(given)) & set(COMPATIBILITY_FLAGS)
+    assert recorded_args(given)["B"] == 128
+    log = logging.getLogger("test_compatibility_notice")
+    log.handlers[:] = [logging.StreamHandler(sys.stdout)]
+    log.setLevel(logging.INFO)
+    compatibility_notice(args, log)
+    assert capsys.readouterr().out == ""
+    compatibility_notice(given, log)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("notice: --num_hards, --store_en_hiddens, "
+                                                   "--en_hidden_path accepted"), lines
+    assert "--fp16_opt_level" not in lines[0]
+    assert main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
+                                     "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
+
+
+@pytest.mark.parametrize("module", [main_retriever, main_reranker])
+def test_stop_after_epoch_is_hidden(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--stop_after_epoch" not in out and "--fp16" in out
+
+
+def test_scorer_choices_come_from_the_registry():
+    import reranker
+    from retriever import SCORERS
+    for module, extra in ((main_retriever, ()), (save_candidates, ()), (main_reranker, ("full",))):
+        assert tuple(type_model_choices(module)) == extra + tuple(SCORERS)
+    assert reranker.TYPE_MODELS == ("full",) + tuple(SCORERS)
+
+
+def type_model_choices(module):
+    """The --type_model choices of a script's parser (read through argparse's error message)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        module.parse_args(["--type_model", "nonsense"])
+    message = err.getvalue()
+    inside = message[message.index("(choose from") + len("(choose from"):message.rindex(")")]
+    return [c.strip(" '") for c in inside.split(",")]

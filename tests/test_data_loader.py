@@ -9,8 +9,8 @@ from conftest import run_script
 from data_loader import (EntitySet, Zeshel, encode_entities, encode_mentions, prefix_pieces,
                          read_candidates, reranker_entity_ids, reranker_mention_ids,
                          reranker_pair, retriever_entity_window, retriever_mention_window,
-                         reranker_mention_window)
-from utils import UserError, load_tokenizer
+                         reranker_mention_window, load_tokenizer)
+from utils import UserError
 
 U0, U1, U2 = "[unused0]", "[unused1]", "[unused2]"
 
