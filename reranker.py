@@ -1,12 +1,14 @@
-"""The reranker (SPEC 6): candidate preparation, a mention's (C, L) inputs built on the fly, the
-full cross-encoder (and the retriever scorers over the same candidates), and the linking accuracies.
+"""The reranker (docs/DESIGN.md#reranker): candidate preparation, a mention's (C, L) inputs built
+on the fly, the full cross-encoder (and the retriever scorers over the same candidates), and the
+linking accuracies.
 
 - candidates: `prepare_candidates` (pure), `candidate_indices`;
-- inputs: `encode_split` (windows of the entities the candidates use, kept as `PackedIds`),
-  `CandidateDataset` (one mention's pairs, or its separate windows, per item), `collate`;
+- inputs: `encode_candidate_windows` (windows of the entities the candidates use, kept as
+  `PackedIds`), `CandidateDataset` (one mention's pairs, or its separate windows, per item),
+  `collate`;
 - models: `FullRanker` (`--type_model full`), `RetrieverRanker` (dual, multi_vector, poly,
-  sum_max: retriever.Retriever's encoders and scorer), `build_ranker`, `ranking_loss`,
-  `gold_on_top`;
+  sum_max: retriever.Retriever's encoders and scorer), `build_ranker`, `gold_on_top`; both return
+  scores (B, C), gold first, for `retriever.nce_loss`;
 - metrics: `linking_accuracy` (per world, macro and micro; pure), `results_entry`.
 
 `main_reranker.py` holds the run itself.
@@ -16,15 +18,17 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data_loader import (encode_entities, encode_mentions, reranker_entity_ids,
+from data_loader import (encode_entities, encode_mentions, pad_rows, reranker_entity_ids,
                          reranker_mention_ids, reranker_pair)
-from retriever import Retriever, paired_interactions
+from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever, paired_interactions
 from utils import die
 
-MODEL_NAMES = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
+# --type_model: the cross-encoder, or a retriever scorer over the same candidates
+TYPE_MODELS = ("full",) + RETRIEVER_SCORERS
+# Dropout on the pooled [CLS] output before the score layer, as the original
+SCORE_DROPOUT = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,19 +36,22 @@ MODEL_NAMES = {"base": "bert-base-uncased", "large": "bert-large-uncased"}
 
 def prepare_candidates(candidates, gold, C, training):
     """One mention's candidates, gold first: the first `C` of `candidates` (best first) with the
-    gold moved to index 0. Training: a gold missing from them is added in front (C + 1
-    candidates). Evaluation: None when the gold is missing (the mention leaves the normalized set).
+    gold moved to index 0. Training: a gold missing from them is put in front and the list keeps
+    C candidates in all (the C-th drops out), as the original. Evaluation: None when the gold is
+    missing (the mention leaves the normalized set). See docs/DESIGN.md#candidates.
 
     >>> prepare_candidates(["a", "b", "g", "c"], "g", 3, training=False)
     ['g', 'a', 'b']
     >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=True)
-    ['g', 'a', 'b', 'c']
+    ['g', 'a', 'b']
     >>> prepare_candidates(["a", "b", "c", "g"], "g", 3, training=False) is None
     True
     """
     first = list(candidates[:C])
-    if gold not in first and not training:
-        return None
+    if gold not in first:
+        if not training:
+            return None
+        first = first[:C - 1]
     return [gold] + [c for c in first if c != gold]
 
 
@@ -97,14 +104,15 @@ def _unpadded(ids, mask):
     return [row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())]
 
 
-def encode_split(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True, chunk=20000):
+def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
+                             chunk=20000):
     """The token ids of a split, for the entities its candidates use only.
 
     rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
-    mention's reranker window and each entity's text prefix (SPEC 6), to be joined into pairs;
+    mention's reranker window and each entity's text prefix, to be joined into pairs;
     pairs=False (the retriever scorers): the retriever's `[CLS] window [SEP]` mention and entity
-    windows of L tokens (SPEC 2). Returns (mention_ids, entity_ids, rows), the returned rows
-    indexing entity_ids instead of the EntitySet.
+    windows of L tokens (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows), the
+    returned rows indexing entity_ids instead of the EntitySet.
     """
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
@@ -129,16 +137,6 @@ def encode_split(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
 
 # ----------------------------------------------------------------------------------------------
 # A mention's inputs, built when asked for
-
-def _padded(rows, width, pad_id=0):
-    """(len(rows), width) ids (padded with pad_id) and mask of id lists."""
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
 
 class CandidateDataset(Dataset):
     """One mention and its candidates (gold first) per item, built when asked for: only the
@@ -166,7 +164,7 @@ class CandidateDataset(Dataset):
         if not self.pairs:  # padded to L, as the retriever's windows: without codes the first
             # token states are the vectors, padding included, so a batch must not change them
             pad = self.special[2]
-            return (m, *_padded([window], self.L, pad), *_padded(entities, self.L, pad))
+            return (m, *pad_rows([window], self.L, pad), *pad_rows(entities, self.L, pad))
         pairs = [reranker_pair(window, e, self.L, *self.special) for e in entities]
         ids, types, mask = (torch.tensor([p[k] for p in pairs], dtype=torch.long) for k in range(3))
         width = int(mask.sum(1).max())
@@ -192,7 +190,7 @@ def collate(items):
 # The full cross-encoder
 
 class FullRanker(nn.Module):
-    """BERT over each pair, pooled [CLS] output -> dropout 0.1 -> linear score.
+    """BERT over each pair, pooled [CLS] output -> dropout (SCORE_DROPOUT) -> linear score.
 
     The score layer is initialized normal with std `init` when init > 0, else the encoder's
     initializer_range, bias 0; it runs in float32 outside autocast so that near scores stay
@@ -202,7 +200,7 @@ class FullRanker(nn.Module):
     def __init__(self, encoder, init=0.0):
         super().__init__()
         self.encoder = encoder
-        self.dropout = nn.Dropout(0.1)
+        self.dropout = nn.Dropout(SCORE_DROPOUT)
         self.score = nn.Linear(encoder.config.hidden_size, 1)
         std = init if init > 0 else encoder.config.initializer_range
         nn.init.normal_(self.score.weight, std=std)
@@ -226,7 +224,8 @@ class FullRanker(nn.Module):
 
 class RetrieverRanker(nn.Module):
     """`--type_model dual / multi_vector / poly / sum_max`: the retriever's two encoders and scorer
-    (retriever.Retriever, SPEC 3) over each mention's candidates, trained as the cross-encoder."""
+    (retriever.Retriever, docs/DESIGN.md#scorers) over each mention's candidates, trained as the
+    cross-encoder."""
 
     def __init__(self, retriever):
         super().__init__()
@@ -253,12 +252,6 @@ def build_ranker(type_model, encoder, init=0.0, num_mention_vecs=8, num_entity_v
         return FullRanker(encoder, init)
     return RetrieverRanker(Retriever(encoder, type_model, num_mention_vecs, num_entity_vecs,
                                      mention_use_codes, entity_use_codes))
-
-
-def ranking_loss(scores):
-    """Cross-entropy with the gold at index 0; scores (B, C), -inf rows allowed. Mean over B."""
-    return F.cross_entropy(scores.float(), torch.zeros(scores.shape[0], dtype=torch.long,
-                                                       device=scores.device))
 
 
 def gold_on_top(scores):

@@ -1,22 +1,30 @@
-"""The retriever (SPEC 3-5): the four scorers, the two encoders with optional learned codes, the
-negatives, and streaming top-k scoring of mentions against a whole entity set.
+"""The retriever (docs/DESIGN.md#scorers, #negatives, #candidates): the scorer registry, the
+two encoders with optional learned codes, the NCE loss, the negatives, and streaming top-k scoring
+of mentions against a whole entity set.
 
-Everything that `main_retriever.py` and `save_candidates.py` share lives here, once:
+Everything that `main_retriever.py`, `save_candidates.py` and the reranker's retriever scorers
+share lives here, once:
 
-- scorers: `dual_scores`, `multi_vector_scores`, `sum_of_max_scores`, `poly_scores`. Each is a pure
-  function of the dot products g[..., i, j] = <u_i, v_j> between a mention's vectors u and an
-  entity's vectors v, over any leading dimensions. `paired_interactions` gives g for each mention's
-  own candidates (training), `all_pairs_interactions` for every mention against every entity by one
-  matrix product (evaluation, mining, candidates); both feed the same scorer.
-- `Retriever`: mention encoder + entity encoder (a copy of the first at the start), `CodeAttention`,
-  the training loss over [gold] + negatives with label 0, and `adjust_negative_scores`.
-- negatives: `candidate_counts`, `sample_random_negatives`, `training_candidates`,
-  `mine_hard_negatives` (top-k, or a sample from softmax(smoothing * scores) through `GumbelTopK`).
+- scorers: `SCORERS`, one table of the four (`dual`, `multi_vector`, `poly`, `sum_max`): each a
+  pure function of the dot products g[..., i, j] = <u_i, v_j> between a mention's vectors u and an
+  entity's vectors v, over any leading dimensions, and how many vectors each side gives.
+  `paired_interactions` gives g for each mention's own candidates (training),
+  `all_pairs_interactions` for every mention against every entity by one matrix product
+  (evaluation, mining, candidates); both feed the same scorer. A new scorer is one function and
+  one row of `SCORERS`; every script's `--type_model` choices come from it.
+- `Retriever`: mention encoder + entity encoder (a copy of the first at the start),
+  `CodeAttention`; it returns the scores of each mention's candidates, gold first.
+- `nce_loss`: the loss of both trainers over such scores (with the `hard_adjusted_negative`
+  correction `adjust_negative_scores`).
+- negatives: `epoch_negatives` (one call per epoch: what `--type_cands` asks for, mined with the
+  current model) and its `EpochNegatives.batch`; underneath `candidate_counts`,
+  `sample_random_negatives`, `training_candidates`, `mine_hard_negatives` (top-k, or a sample from
+  softmax(smoothing * scores) through `GumbelTopK`).
 - `stream_scores`: entities are encoded chunk by chunk, scored against every mention, folded into
   running top-k lists (`TopK`, `GumbelTopK`) and dropped. The vectors of a whole entity set are
-  never held, so `--store_en_hiddens` / `--en_hidden_path` (the original wrote them to disk,
-  65 GB for 332,632 entities x 128 vectors) have nothing to store: they are accepted and ignored.
-- `encode_split`, `recall_table`, `ranking_entry`: a split's tensors and its metrics.
+  never held, so there is nothing for the original's `--store_en_hiddens` to store.
+- `encode_retriever_split`, `rank_split`, `recall_table`, `ranking_entry`: a split's tensors,
+  its rankings and metrics.
 """
 import copy
 import math
@@ -27,12 +35,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_loader import encode_entities, encode_mentions
-from utils import autocast, check_flag, load_encoder, load_tokenizer, progress
+from data_loader import encode_entities, encode_mentions, load_tokenizer, model_path_hint
+from utils import autocast, check_flag, check_positive, die, progress, quiet_transformers
 
-TYPE_MODELS = ("dual", "multi_vector", "poly", "sum_max")
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
-PRE_MODELS = {"Bert": "bert-base-uncased", "Roberta": "roberta-base"}
+# The pretrained encoder each value of --pre_model (retriever) and --type_bert (reranker) stands
+# for; --pretrained (a folder or hub name) overrides them.
+PRETRAINED = {"--pre_model": {"Bert": "bert-base-uncased", "Roberta": "roberta-base"},
+              "--type_bert": {"base": "bert-base-uncased", "large": "bert-large-uncased"}}
+# Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n elements of the
+# vectors' dtype): 1 GB in bfloat16 on a GPU, 64 MB of float32 on a CPU.
+SCORE_BLOCK_ELEMENTS = {"cuda": 2 ** 29, "cpu": 2 ** 24}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,19 +115,59 @@ def poly_scores(g):
     return (g.softmax(-2) * g).sum((-2, -1))
 
 
-SCORERS = {"dual": dual_scores, "multi_vector": multi_vector_scores, "sum_max": sum_of_max_scores,
-           "poly": poly_scores}
+@dataclass(frozen=True)
+class Scorer:
+    """A row of the scorer registry: the score function of the dot products g (..., m, n) ->
+    (...) float32, and whether the mention (entity) side takes all its --num_*_vecs vectors or
+    only the first. Calling it scores: `SCORERS["sum_max"](g)`."""
+    score: object
+    all_mention_vecs: bool
+    all_entity_vecs: bool
+
+    def __call__(self, g):
+        return self.score(g)
+
+
+# The scorer registry (docs/DESIGN.md#scorers): a new scorer is a function above and a row here.
+SCORERS = {"dual": Scorer(dual_scores, False, False),
+           "multi_vector": Scorer(multi_vector_scores, False, True),
+           "poly": Scorer(poly_scores, True, True),
+           "sum_max": Scorer(sum_of_max_scores, True, True)}
+TYPE_MODELS = tuple(SCORERS)
 
 
 def vector_counts(type_model, num_mention_vecs, num_entity_vecs):
-    """(m, n): how many vectors the mention and entity sides give for a scorer (SPEC 3).
+    """(m, n): how many vectors the mention and entity sides give for a scorer of SCORERS.
 
     >>> vector_counts("multi_vector", 8, 16)
     (1, 16)
     """
-    return {"dual": (1, 1), "multi_vector": (1, num_entity_vecs),
-            "sum_max": (num_mention_vecs, num_entity_vecs),
-            "poly": (num_mention_vecs, num_entity_vecs)}[type_model]
+    scorer = SCORERS[type_model]
+    return (num_mention_vecs if scorer.all_mention_vecs else 1,
+            num_entity_vecs if scorer.all_entity_vecs else 1)
+
+
+def add_scorer_args(parser, type_models=TYPE_MODELS, default="dual", vecs=8, note=""):
+    """--type_model (choices from the registry) and the vector flags of a retriever scorer, with
+    the original's defaults (save_candidates: None, read from the checkpoint; `note` says so)."""
+    parser.add_argument("--type_model", default=default, choices=type_models, help=note or None)
+    for side in ("mention", "entity"):
+        parser.add_argument(f"--num_{side}_vecs", type=int, default=vecs,
+                            help=f"{side} vectors of multi-vector scorers{note and '; ' + note}")
+    for side in ("mention", "entity"):
+        parser.add_argument(f"--{side}_use_codes", action="store_true",
+                            default=None if vecs is None else False,
+                            help=f"{side} vectors from learned codes attending over the tokens")
+
+
+def check_scorer_args(args, length, length_flag):
+    """--num_*_vecs positive and, without codes, no more than the `length` token states of a
+    window (`length_flag`)."""
+    check_positive(args, "num_mention_vecs", "num_entity_vecs")
+    for side in ("mention", "entity"):
+        n = getattr(args, f"num_{side}_vecs")
+        check_flag(getattr(args, f"{side}_use_codes") or n <= length, f"--num_{side}_vecs",
+                   f"{n} token states asked for but {length_flag} is {length}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +190,8 @@ class CodeAttention(nn.Module):
 
 
 def adjust_negative_scores(scores, log_q):
-    """`hard_adjusted_negative` (SPEC 4): subtract log(K q) from each negative's score, K the
-    number of negatives; the gold (column 0) is left as it is.
+    """`hard_adjusted_negative` (docs/DESIGN.md#negatives): subtract log(K q) from each
+    negative's score, K the number of negatives; the gold (column 0) is left as it is.
     scores: (B, 1 + K), log_q: (B, K) log-probabilities of the sampled negatives -> (B, 1 + K).
 
     >>> adjust_negative_scores(torch.tensor([[1., 2., 3.]]), torch.log(torch.tensor([[.5, .25]])))
@@ -146,6 +199,24 @@ def adjust_negative_scores(scores, log_q):
     """
     K = log_q.shape[1]
     return torch.cat([scores[:, :1], scores[:, 1:] - (math.log(K) + log_q)], 1)
+
+
+def nce_loss(scores, log_q=None):
+    """The NCE loss of both trainers (docs/DESIGN.md#training): the cross-entropy of each
+    mention's candidate scores with the gold at index 0, meaned over the batch, in float32.
+
+    scores: (B, 1 + K), gold first (-inf for a missing candidate: it takes no part); log_q: (B, K)
+    log-probabilities of sampled negatives (`hard_adjusted_negative`: log(K q) is subtracted from
+    each negative's score first, see adjust_negative_scores) or None -> () float32.
+
+    >>> round(nce_loss(torch.tensor([[2., 0., float("-inf")]])).item(), 4)
+    0.1269
+    """
+    scores = scores.float()
+    if log_q is not None:
+        scores = adjust_negative_scores(scores, log_q.float())
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long,
+                                               device=scores.device))
 
 
 class Retriever(nn.Module):
@@ -181,26 +252,69 @@ class Retriever(nn.Module):
         """ids, mask: (B, L) -> (B, n, d)."""
         return self._vectors(self.entity_encoder, self.entity_codes, self.n, ids, mask)
 
-    def forward(self, mention_ids, mention_mask, cand_ids, cand_mask, log_q=None):
-        """The training loss of each mention over its candidates, gold first (label 0).
+    def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
+        """The scores of each mention's candidates (gold first, for `nce_loss`).
 
-        mention_ids, mention_mask: (B, L); cand_ids, cand_mask: (B, 1 + K, L), all B (1 + K)
-        candidate windows encoded in one forward; log_q: (B, K) or None (`hard_adjusted_negative`).
-        Returns (B,) float32 cross-entropies (per mention, so DataParallel can gather them).
+        mention_ids, mention_mask: (B, L); cand_ids, cand_mask: (B, C, L), all B C candidate
+        windows encoded in one forward -> (B, C) float32.
         """
         B, C, L = cand_ids.shape
         u = self.mention_vectors(mention_ids, mention_mask)                        # (B, m, d)
         v = self.entity_vectors(cand_ids.view(B * C, L), cand_mask.view(B * C, L))
-        scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))  # (B, 1 + K)
-        if log_q is not None:
-            scores = adjust_negative_scores(scores, log_q)
-        return F.cross_entropy(scores, torch.zeros(B, dtype=torch.long, device=scores.device),
-                               reduction="none")
+        return self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))    # (B, C)
 
 
-def pretrained_name(pre_model, pretrained=None):
-    """`--pretrained` when given, else the model `--pre_model` stands for."""
-    return pretrained or PRE_MODELS[pre_model]
+# ----------------------------------------------------------------------------------------------
+# Pretrained encoders
+
+def pretrained_name(flag, value, pretrained=None):
+    """`--pretrained` when given, else the model `flag` (--pre_model, --type_bert) = `value`
+    stands for (PRETRAINED)."""
+    return pretrained or PRETRAINED[flag][value]
+
+
+def load_encoder(name, tokenizer, flag="--pretrained"):
+    """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
+    embeddings resized when the tokenizer had to add the marker tokens."""
+    from transformers import AutoModel
+    quiet_transformers()
+    try:
+        model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
+    except Exception:
+        try:
+            model = AutoModel.from_pretrained(name)
+        except Exception:
+            die(f"{flag}: {model_path_hint(name)}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def check_positions(encoder, length, flag):
+    """Stop unless windows of `length` tokens fit the encoder's position embeddings."""
+    positions = getattr(encoder.config, "max_position_embeddings", length)
+    check_flag(length <= positions, flag,
+               f"{length} is longer than the encoder's {positions} positions")
+
+
+def check_same_model(args, trained, path):
+    """Stop unless a checkpoint trained with the arguments `trained` holds the model that these
+    flags build: the same --type_model and, for a retriever scorer, the same codes and vector
+    counts (the state dicts of dual, multi_vector and sum_max have one shape: loading cannot
+    tell them apart)."""
+    flags = ("type_model", "mention_use_codes", "entity_use_codes")
+    for flag in flags if args.type_model in SCORERS else flags[:1]:
+        check_flag(trained.get(flag) == getattr(args, flag), f"--{flag}",
+                   f"{path} was trained with --{flag} {trained.get(flag)}, "
+                   f"not {getattr(args, flag)}")
+    if args.type_model not in SCORERS:
+        return
+    mine = vector_counts(args.type_model, args.num_mention_vecs, args.num_entity_vecs)
+    theirs = vector_counts(trained["type_model"], trained.get("num_mention_vecs"),
+                           trained.get("num_entity_vecs"))
+    for side, a, b in zip(("mention", "entity"), mine, theirs):
+        check_flag(a == b, f"--num_{side}_vecs",
+                   f"{path} was trained with {b} {side} vectors, not {a}")
 
 
 def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
@@ -216,8 +330,9 @@ def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
 # Negatives
 
 def candidate_counts(type_cands, num_cands, cands_ratio):
-    """(num_rands, num_hards) per mention (SPEC 4): mixed_negative draws int(C r) at random and
-    mines the rest; hard_negative / hard_adjusted_negative sample all C; random_negative none.
+    """(num_rands, num_hards) per mention (docs/DESIGN.md#negatives): mixed_negative draws
+    int(C r) at random and mines the rest; hard_negative / hard_adjusted_negative sample all C;
+    random_negative none.
 
     >>> candidate_counts("mixed_negative", 64, 0.5), candidate_counts("hard_negative", 64, 0.5)
     ((32, 32), (0, 64))
@@ -254,7 +369,8 @@ def sample_random_negatives(golds, num_entities, num, generator=None):
 
 
 def training_candidates(golds, num_entities, num_rands, hard=None, generator=None):
-    """Candidates of a batch, SPEC 4: [gold] + fresh random negatives + mined ones.
+    """Candidates of a batch (docs/DESIGN.md#negatives): [gold] + fresh random negatives +
+    mined ones.
 
     golds: (B,), hard: (B, H) or None -> (B, 1 + num_rands + H) entity indices, gold at 0.
     """
@@ -421,16 +537,17 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
     mention_vecs: (M, m, d) on `device`; entity_ids, entity_mask: (E, L) on the CPU (pinned for
     speed on a GPU), ordered by world, `world_ranges` [(start, end)] per world. Entities are encoded
     `entity_bsz` at a time with `model.entity_vectors` (chunks never straddle a world), scored with
-    `model.scorer` in blocks of mentions of at most `budget` dot products (M_b x m x E_c x n
-    elements of the vectors' dtype, sums in float32), folded into each consumer (`TopK`,
-    `GumbelTopK`: `update(rows, scores, first, world)`) and dropped. When every consumer ranks per
-    world, a chunk is scored against its own world's mentions only. `exclude` (M,): an entity per
-    mention whose score is set to -inf (`--exclude_golds`). Under torchrun each process scores its
-    contiguous share of the entities and the consumers are merged at the end.
+    `model.scorer` in blocks of mentions of at most `budget` (default SCORE_BLOCK_ELEMENTS) dot
+    products (M_b x m x E_c x n elements of the vectors' dtype, sums in float32), folded into
+    each consumer (`TopK`, `GumbelTopK`: `update(rows, scores, first, world)`) and dropped.
+    When every consumer ranks per world, a chunk is scored against its own world's mentions
+    only. `exclude` (M,): an entity per mention whose score is set to -inf (`--exclude_golds`).
+    Under torchrun each process scores its contiguous share of the entities and the consumers are
+    merged at the end.
     """
     world_size, rank = (rt.world_size, rt.rank) if rt is not None else (1, 0)
     if budget is None:
-        budget = 2 ** 29 if device.type == "cuda" else 2 ** 24
+        budget = SCORE_BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
     M, m = mention_vecs.shape[:2]
     all_rows = torch.arange(M, device=device)
     per_world = all(getattr(c, "mention_worlds", None) is not None for c in consumers)
@@ -458,7 +575,8 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
 def mine_hard_negatives(model, mention_ids, mention_mask, entity_ids, entity_mask, golds, num, *,
                         sample=False, smoothing_value=1.0, exclude_golds=False, generator=None,
                         mention_bsz=512, entity_bsz=512, device, dtype=None, rt=None, quiet=True):
-    """Hard negatives of every mention against all entities of its split (pooled, SPEC 4).
+    """Hard negatives of every mention against all entities of its split (pooled,
+    docs/DESIGN.md#negatives).
 
     Returns (hard (M, num) int64 on the CPU, log_q (M, num) float32 or None): the `num` top-scoring
     entities (`mixed_negative`), or with `sample` a draw from softmax(smoothing_value * scores)
@@ -479,6 +597,49 @@ def mine_hard_negatives(model, mention_ids, mention_mask, entity_ids, entity_mas
         hard, log_q = consumer.sample()
         return hard.cpu(), log_q.cpu()
     return consumer.indices.cpu(), None
+
+
+@dataclass
+class EpochNegatives:
+    """The negatives of one training epoch (see epoch_negatives)."""
+    golds: torch.Tensor         # (M,) entity index of each mention's gold
+    num_entities: int
+    num_rands: int              # fresh random negatives per mention and visit
+    hard: torch.Tensor = None   # (M, H) the mined negatives of every mention, or None
+    log_q: torch.Tensor = None  # (M, H) their log-probabilities (hard_adjusted_negative), or None
+
+    def batch(self, mentions, generator, rank=0, world_size=1):
+        """The candidates of a batch of mention indices (B,), this process's share of it:
+        (own mentions (b,), candidates (b, 1 + C) gold first, log_q (b, C) or None), b = B / P.
+        The random negatives of the whole batch are drawn from `generator`, so that every
+        process draws alike."""
+        cands = training_candidates(self.golds[mentions], self.num_entities, self.num_rands,
+                                    None if self.hard is None else self.hard[mentions],
+                                    generator)                            # (B, 1 + C)
+        own = mentions.tensor_split(world_size)[rank]
+        return (own, cands.tensor_split(world_size)[rank],
+                None if self.log_q is None else self.log_q[own])
+
+
+def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothing_value=1.0,
+                    exclude_golds=False, generator=None, mention_bsz=512, entity_bsz=512, device,
+                    dtype=None, rt=None, quiet=True):
+    """The negatives of one training epoch as `--type_cands` asks (docs/DESIGN.md#negatives):
+    the hard ones mined with the current `model` over all entities of the split `data`
+    (SplitData) when the type needs them (the top-scoring for mixed_negative, a sample for
+    hard_negative and hard_adjusted_negative, drawn with `generator` on `device`), the counts from
+    `num_cands` and `cands_ratio`, and log q kept for hard_adjusted_negative. -> EpochNegatives."""
+    num_rands, num_hards = candidate_counts(type_cands, num_cands, cands_ratio)
+    hard = log_q = None
+    if num_hards > 0:
+        hard, log_q = mine_hard_negatives(
+            model, data.mention_ids, data.mention_mask, data.entity_ids, data.entity_mask,
+            data.golds, num_hards, sample=type_cands in ("hard_negative", "hard_adjusted_negative"),
+            smoothing_value=smoothing_value, exclude_golds=exclude_golds, generator=generator,
+            mention_bsz=mention_bsz, entity_bsz=entity_bsz, device=device, dtype=dtype, rt=rt,
+            quiet=quiet)
+    return EpochNegatives(data.golds, len(data.entities), num_rands, hard,
+                          log_q if type_cands == "hard_adjusted_negative" else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +670,9 @@ def check_worlds_hold(zeshel, splits, n, flag):
                        f"{n} is more than the {end - start} entities of {split} world {world}")
 
 
-def encode_split(tokenizer, zeshel, split, max_len, pin=False):
+def encode_retriever_split(tokenizer, zeshel, split, max_len, pin=False):
+    """A split's mention and entity windows of `max_len` tokens and its entity bookkeeping, as
+    SplitData (`pin`: in pinned memory, for fast copies to a GPU)."""
     mentions = zeshel.mentions[split]
     entities = zeshel.entities(split)
     world_index = {w: i for i, w in enumerate(entities.worlds)}
@@ -563,6 +726,16 @@ def recall_table(ranked, golds, mention_worlds, worlds, ks):
              for k in ks}
     micro = {f"recall@{k}": percent(hits(ranked, golds, k)) for k in ks}
     return {"per_world": per_world, "macro": macro, "micro": micro}
+
+
+def recall_ks(n):
+    """The k of a candidates recall table: 1, 2, 4, ... up to n, and n itself.
+
+    >>> recall_ks(8), recall_ks(100)
+    ([1, 2, 4, 8], [1, 2, 4, 8, 16, 32, 64, 100])
+    """
+    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
+    return ks if ks[-1] == n else ks + [n]
 
 
 def ranking_entry(pooled, per_world, data, k, epoch):

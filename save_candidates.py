@@ -1,4 +1,5 @@
-"""Write each mention's top retrieved candidates, ranked within its own world (SPEC 5).
+"""Write each mention's top retrieved candidates, ranked within its own world
+(docs/DESIGN.md#candidates).
 
     python save_candidates.py --model runs/ret.pt --data_dir DATA --cands_dir runs/cands \\
         --num_cands 64 [--pretrained FOLDER] [--bf16]
@@ -8,82 +9,61 @@ entity encoder and scored against the world's mentions; `CANDS_DIR/candidates_<s
 JSON line per mention, `{"mention_id": ..., "candidates": [document ids, best first]}`, and
 `CANDS_DIR/recall.json` the recall at 1, 2, 4, ... up to `--num_cands` per split and world, with
 macro and micro averages (also printed as a table). The model's shape (`--type_model`,
-`--num_*_vecs`, `--*_use_codes`, `--pre_model`) comes from the checkpoint when the flags do not give
-it; a flag that contradicts the checkpoint stops the run. `--store_en_hiddens` and
-`--en_hidden_path` are accepted for the original's command line: entity vectors are streamed, never
-stored.
+`--num_*_vecs`, `--*_use_codes`, `--pre_model`, `--max_len`) comes from the checkpoint when the
+flags do not give it; a flag that contradicts the checkpoint stops the run. Float32 by default,
+`--bf16` / `--fp16` for mixed precision. `--store_en_hiddens` and `--en_hidden_path` are accepted
+for the original's command line and do nothing: entity vectors are streamed, never stored.
 """
-import argparse
 import os
 
-import torch
-
 from data_loader import Zeshel
-from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
-                       pretrained_name, rank_split, recall_table, vector_counts)
-from utils import (add_precision_args, amp_dtype, check_flag, check_positive, cleanup_runtime,
-                   cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
+from retriever import (PRETRAINED, TYPE_MODELS, add_scorer_args, check_same_model,
+                       check_worlds_hold, encode_retriever_split, load_retriever, pretrained_name,
+                       rank_split, recall_ks, recall_table)
+from utils import (ArgumentParser, add_compatibility_args, add_data_arg, add_precision_args,
+                   amp_dtype, check_flag, check_positive, cli_main, get_logger, load_run_checkpoint,
+                   load_weights, log_args, with_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
+# Read from the checkpoint when not given
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
-               "mention_use_codes", "entity_use_codes")
+               "mention_use_codes", "entity_use_codes", "max_len")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="retriever checkpoint (required)")
-    p.add_argument("--data_dir", help="Zeshel folder (required)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="retriever checkpoint of main_retriever.py (required)")
+    add_data_arg(p, "--data_dir")
     p.add_argument("--cands_dir",
                    help="folder for candidates_<split>.json and recall.json (required)")
     p.add_argument("--num_cands", type=int, default=64, help="candidates per mention")
-    p.add_argument("--pre_model", default=None, choices=list(PRE_MODELS),
+    p.add_argument("--pre_model", default=None, choices=list(PRETRAINED["--pre_model"]),
                    help="default: the checkpoint's")
-    p.add_argument("--type_model", default=None, choices=TYPE_MODELS,
-                   help="default: the checkpoint's")
-    p.add_argument("--num_mention_vecs", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--num_entity_vecs", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--mention_use_codes", action="store_true", default=None)
-    p.add_argument("--entity_use_codes", action="store_true", default=None)
+    add_scorer_args(p, default=None, vecs=None, note="default: the checkpoint's")
     p.add_argument("--max_len", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
     p.add_argument("--mention_bsz", type=int, default=512, help="mentions per encoder batch")
-    p.add_argument("--store_en_hiddens", action="store_true", help="accepted; vectors are streamed")
-    p.add_argument("--en_hidden_path", help="accepted; vectors are streamed")
     p.add_argument("--gpus", default="", help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--pretrained", default=None,
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
     add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_compatibility_args(p, "store_en_hiddens", "en_hidden_path")
     return p.parse_args(argv)
-
-
-def retriever_args(state, path):
-    """The training arguments of a main_retriever.py checkpoint; stop on any other file."""
-    trained = state.get("args") if isinstance(state, dict) and "model" in state else None
-    check_flag(isinstance(trained, dict), "--model",
-               f"{path} is not a checkpoint written by main_retriever.py")
-    check_flag(trained.get("type_model") in TYPE_MODELS, "--model",
-               f"{path} holds a --type_model {trained.get('type_model')} model, not a retriever "
-               f"({', '.join(TYPE_MODELS)})")
-    return trained
 
 
 def resolve_shape(args, trained):
     """Fill the shape flags left unset from the checkpoint's arguments `trained`; stop when a flag
     that was given would build another model than the checkpoint holds."""
-    for flag in SHAPE_FLAGS + ("max_len",):
+    for flag in SHAPE_FLAGS:
         if getattr(args, flag) is None:
             setattr(args, flag, trained.get(flag, False if flag.endswith("codes") else None))
-    for flag in ("pre_model", "type_model", "mention_use_codes", "entity_use_codes"):
-        check_flag(getattr(args, flag) == trained.get(flag, getattr(args, flag)), f"--{flag}",
-                   f"the checkpoint {args.model} was trained with {trained.get(flag)}, "
-                   f"not {getattr(args, flag)}")
-    mine = vector_counts(args.type_model, args.num_mention_vecs, args.num_entity_vecs)
-    theirs = vector_counts(trained["type_model"], trained["num_mention_vecs"],
-                           trained["num_entity_vecs"])
-    for side, a, b in zip(("mention", "entity"), mine, theirs):
-        check_flag(a == b, f"--num_{side}_vecs",
-                   f"the checkpoint {args.model} uses {b} {side} vectors, not {a}")
+    check_flag(args.type_model in TYPE_MODELS, "--model", f"{args.model} holds a --type_model "
+               f"{args.type_model} model, not a retriever ({', '.join(TYPE_MODELS)})")
+    check_flag(args.pre_model == trained.get("pre_model", args.pre_model), "--pre_model",
+               f"{args.model} was trained with --pre_model {trained.get('pre_model')}, "
+               f"not {args.pre_model}")
+    check_same_model(args, trained, args.model)
     if args.pretrained is None:
         args.pretrained = trained.get("pretrained")
 
@@ -108,31 +88,28 @@ def main(argv=None):
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
-    state = load_checkpoint(args.model)
-    resolve_shape(args, retriever_args(state, args.model))
-    rt = setup_runtime(args.gpus)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    state = load_run_checkpoint(args.model, "main_retriever")
+    resolve_shape(args, state["args"])
+    with_runtime(args, lambda args, rt: save_candidates(args, rt, state["model"]))
+
+
+def save_candidates(args, rt, weights):
     log = get_logger(args.model, rt.is_main)
+    log_args(args, log)
     quiet = args.quiet or not rt.is_main
-    if args.store_en_hiddens or args.en_hidden_path:
-        log.info("note: entity vectors are streamed chunk by chunk; nothing is written to "
-                 "--en_hidden_path")
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
-    tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),
-                                      args.type_model, args.num_mention_vecs, args.num_entity_vecs,
+    tokenizer, model = load_retriever(pretrained_name("--pre_model", args.pre_model,
+                                                      args.pretrained), args.type_model,
+                                      args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        die(f"--model: {args.model} does not fit a {args.type_model} retriever of "
-            f"{args.pretrained or args.pre_model} (another encoder?)")
+    load_weights(model, weights, args.model, "--model")
     model.to(device)
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.num_cands]
-    recalls = {}
+    ks, recalls = recall_ks(args.num_cands), {}
     for split in SPLITS:
-        data = encode_split(tokenizer, zeshel, split, args.max_len, pin=device.type == "cuda")
+        data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
+                                      pin=device.type == "cuda")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
                                device=device, dtype=dtype, rt=rt, quiet=quiet)
@@ -149,7 +126,6 @@ def main(argv=None):
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
-    cleanup_runtime(rt)
 
 
 if __name__ == "__main__":

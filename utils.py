@@ -1,10 +1,11 @@
-"""What every script needs: user errors, seeds, devices and distributed runs, mixed precision,
-the optimizer and schedule, logging, progress bars, atomic files and checkpoints."""
+"""What every script needs: user errors and the shared command-line flags, seeds, devices and
+distributed runs, mixed precision, the optimizer and schedule, logging, progress bars, atomic files
+and checkpoints, and the run scaffolding the two training scripts share (`TrainingRun`)."""
+import argparse
 import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -40,6 +41,14 @@ def cli_main(fn):
     return wrapper
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors (an unknown flag, a bad value, two exclusive flags) are one
+    plain line on stderr naming the flag, exit status 2, instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def check_flag(condition, flag, message):
     if not condition:
         die(f"{flag}: {message}")
@@ -53,7 +62,101 @@ def check_positive(args, *flags):
 
 
 # ----------------------------------------------------------------------------------------------
+# Flags more than one script takes, each registered here once
+
+def add_data_arg(parser, flag):
+    """The Zeshel folder, `args.data_dir`, as `--data_dir` or `--data` in every script; `flag` is
+    the one the original script used, named in errors."""
+    other = "--data" if flag == "--data_dir" else "--data_dir"
+    parser.add_argument(flag, other, dest="data_dir",
+                        help="Zeshel folder with documents/ and mentions/ (required)")
+
+
+def add_training_args(parser, batch):
+    """The flags the two training scripts share, with the original's defaults (`batch`: --B)."""
+    p = parser
+    p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
+    p.add_argument("--B", type=int, default=batch,
+                   help="mentions per batch (all processes together)")
+    p.add_argument("--epochs", type=int, default=3, help="0: evaluate the untrained model")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup_proportion", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--adam_epsilon", type=float, default=1e-6)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
+    p.add_argument("--simpleoptim", action="store_true", help="plain Adam, constant rate")
+    p.add_argument("--logging_steps", type=int, default=1000,
+                   help="log the mean loss every this many optimizer steps")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gpus", default="", help="visible GPUs, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    add_precision_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # the tests stop a run after an epoch, to resume it (not for users: hidden)
+    p.add_argument("--stop_after_epoch", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def check_training_args(args):
+    """Stop with one line on the first shared training flag out of its range."""
+    check_positive(args, "B", "gradient_accumulation_steps", "logging_steps", "lr",
+                   "adam_epsilon")
+    check_flag(args.epochs >= 0, "--epochs", f"must be 0 or more (got {args.epochs})")
+    check_flag(0.0 <= args.warmup_proportion <= 1.0, "--warmup_proportion",
+               f"{args.warmup_proportion} is not in [0, 1]")
+    check_flag(args.weight_decay >= 0, "--weight_decay",
+               f"must be 0 or more (got {args.weight_decay})")
+    check_flag(args.clip >= 0, "--clip", f"must be 0 (no clipping) or more (got {args.clip})")
+
+
+# Flags of the original's command lines that have nothing to do here: accepted so that those
+# command lines run unchanged, never recorded as if they acted, one notice when given.
+COMPATIBILITY_FLAGS = {
+    "num_hards": ({"type": int}, "the numbers of negatives come from --num_cands and "
+                  "--cands_ratio"),
+    "num_workers": ({"type": int}, "batches are assembled by tensor indexing in the main process"),
+    "store_en_hiddens": ({"action": "store_true"}, "entity vectors are streamed chunk by chunk, "
+                         "never stored"),
+    "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
+    "fp16_opt_level": ({}, "mixed precision is torch.amp's (--fp16, --bf16), not apex's"),
+}
+
+
+def add_compatibility_args(parser, *names):
+    for name in names:
+        kwargs, why = COMPATIBILITY_FLAGS[name]
+        parser.add_argument(f"--{name}", default=None, **kwargs,
+                            help=f"accepted for the original's command lines, no effect: {why}")
+
+
+def compatibility_notice(args, log):
+    """One log line naming the compatibility flags given, if any, and why they do nothing."""
+    given = [name for name in COMPATIBILITY_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        log.info("notice: %s accepted for the original's command line and ignored (%s)",
+                 ", ".join(f"--{name}" for name in given),
+                 "; ".join(dict.fromkeys(COMPATIBILITY_FLAGS[name][1] for name in given)))
+
+
+def recorded_args(args):
+    """The arguments as a run's log and checkpoints record them: without the compatibility
+    flags, which do nothing."""
+    return {k: v for k, v in vars(args).items() if k not in COMPATIBILITY_FLAGS}
+
+
+def log_args(args, log):
+    log.info("args: %s", " ".join(f"--{k} {v}" for k, v in recorded_args(args).items()))
+    compatibility_notice(args, log)
+
+
+# ----------------------------------------------------------------------------------------------
 # Seeds
+
+# Per-epoch random streams are seeded from (seed, epoch, process) alone, so that a resumed epoch
+# repeats exactly: seed * EPOCH_SEED_STRIDE + epoch + rank * RANK_SEED_STRIDE (two primes, so
+# that neighbouring seeds, epochs and ranks never share a stream in practice).
+EPOCH_SEED_STRIDE = 100003
+RANK_SEED_STRIDE = 7919
+
 
 def set_seed(seed):
     random.seed(seed)
@@ -61,6 +164,12 @@ def set_seed(seed):
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def epoch_generator(seed, epoch, rank=0, device="cpu"):
+    """A torch.Generator on `device` for one epoch of one process (see EPOCH_SEED_STRIDE)."""
+    return torch.Generator(device).manual_seed(seed * EPOCH_SEED_STRIDE + epoch
+                                               + rank * RANK_SEED_STRIDE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +216,10 @@ def setup_runtime(gpus=None):
     """Pick the device(s). `gpus` is the `--gpus` string ("0,1,2"): it sets CUDA_VISIBLE_DEVICES
     (before CUDA starts). Under torchrun each process takes GPU LOCAL_RANK and the process group is
     started with NCCL on GPUs, Gloo on CPU. Without torchrun, several visible GPUs are driven by
-    one process through DataParallel (n_gpu > 1)."""
+    one process through DataParallel (n_gpu > 1). Float32 matrix multiplies may use TF32 on GPUs
+    that have it."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     if gpus:
         usable = usable_gpus(gpus)
         if usable:
@@ -128,6 +240,16 @@ def setup_runtime(gpus=None):
     if cuda:
         return Runtime(torch.device("cuda"), n_gpu=torch.cuda.device_count())
     return Runtime(torch.device("cpu"))
+
+
+def with_runtime(args, fn):
+    """fn(args, rt) on the devices of `args.gpus` (setup_runtime), the process group shut down
+    after, however fn ends."""
+    rt = setup_runtime(args.gpus)
+    try:
+        return fn(args, rt)
+    finally:
+        cleanup_runtime(rt)
 
 
 def describe_runtime(rt, batch=None, accumulation=1):
@@ -168,35 +290,36 @@ def cleanup_runtime(rt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mixed precision through torch.amp
+# Mixed precision through torch.amp (docs/DESIGN.md#precision)
 
 def add_precision_args(parser):
-    """--fp16 / --bf16 / --fp32: the autocast dtype (see amp_dtype)."""
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--fp32", action="store_true",
-                        help="full precision (TF32 matrix multiplies) on a GPU; the default there "
-                             "is bfloat16 autocast where the GPU supports it")
+    """--fp16 / --bf16 / --fp32, at most one of them: the autocast dtype (see amp_dtype)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fp16", action="store_true",
+                       help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
+    group.add_argument("--bf16", action="store_true",
+                       help="bfloat16 autocast (about twice as fast as float32 on a recent GPU)")
+    group.add_argument("--fp32", action="store_true",
+                       help="full precision, the default (TF32 matrix multiplies on a GPU)")
 
 
 def amp_dtype(fp16=False, bf16=False, device=None, log=None, fp32=False):
-    """The autocast dtype, or None for full precision.
+    """The autocast dtype, or None for full precision (the default, as the original).
 
     `--fp16`: float16 (needs CUDA: on a CPU it runs as bfloat16, with a one-line notice);
-    `--bf16`: bfloat16; `--fp32`: None. With none of them: bfloat16 on a GPU that supports it
-    (Ampere and later: the paper recipe fits in hours, not days), full precision elsewhere.
+    `--bf16`: bfloat16 (stops on a GPU without it); `--fp32` or none of them: None. On a GPU full
+    precision uses TF32 matrix multiplies (set by `setup_runtime`), as the original's PyTorch did.
     """
     cuda = device is not None and device.type == "cuda"
-    if fp16 or bf16:
+    if fp16:
         if not cuda:
-            if fp16 and log is not None:
+            if log is not None:
                 log.info("notice: --fp16 on a CPU runs as bfloat16 autocast")
             return torch.bfloat16
-        return torch.bfloat16 if bf16 else torch.float16
-    if cuda and not fp32 and torch.cuda.is_bf16_supported():
-        if log is not None:
-            log.info("notice: bfloat16 autocast on this GPU (the default; --fp32 for full precision)")
+        return torch.float16
+    if bf16:
+        check_flag(not cuda or torch.cuda.is_bf16_supported(), "--bf16",
+                   "this GPU does not support bfloat16 (use --fp16, or no flag for float32)")
         return torch.bfloat16
     return None
 
@@ -317,6 +440,14 @@ def get_logger(model_path=None, is_main=True, name="hard-nce-el"):
     return logger
 
 
+def quiet_transformers():
+    """No weight-loading progress bars or advisory warnings from transformers: our own bars and
+    log say what is happening."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def progress(iterable=None, desc=None, total=None, disable=False, **kw):
     """A tqdm bar on stderr; `disable` (from `--quiet` or a non-main process) silences it."""
     from tqdm.auto import tqdm
@@ -404,52 +535,166 @@ def unwrap(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained encoders and tokenizers
+# Training runs: what the two training scripts share around their loops (docs/DESIGN.md#training)
 
-MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
-MARKERS = (MENTION_START, MENTION_END, TITLE_END)
-
-
-def _offline_hint(name):
-    if os.path.isdir(name):
-        return f"{name} is a folder but holds no loadable model/tokenizer"
-    return (f"{name} is not a folder and could not be loaded from the Hugging Face hub or its "
-            f"local cache (offline? pass a local model folder with --pretrained)")
-
-
-def quiet_transformers():
-    """No weight-loading progress bars or advisory warnings from transformers: our own bars and
-    log say what is happening."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def load_tokenizer(name, flag="--pretrained"):
-    """The fast tokenizer of `name` (a folder or hub name) with the three marker tokens registered
-    as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
-    from transformers import AutoTokenizer
-    quiet_transformers()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception:
-        die(f"{flag}: {_offline_hint(name)}")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
-    return tokenizer
-
-
-def load_encoder(name, tokenizer, flag="--pretrained"):
-    """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
-    embeddings resized when the tokenizer had to add the marker tokens."""
-    from transformers import AutoModel
-    quiet_transformers()
-    try:
-        model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
-    except Exception:
-        try:
-            model = AutoModel.from_pretrained(name)
-        except Exception:
-            die(f"{flag}: {_offline_hint(name)}")
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+def wrap_for_training(model, rt):
+    """The model as the training loop calls it: DistributedDataParallel under torchrun,
+    DataParallel over the GPUs of one process, else the model itself."""
+    if rt.distributed:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.n_gpu > 1:
+        return torch.nn.DataParallel(model)
     return model
+
+
+def training_log(args, rt):
+    """The logger of a training run (`<model>.log`), with the arguments, a notice for the
+    compatibility flags given and how the batch splits over the processes."""
+    log = get_logger(args.model, rt.is_main)
+    log_args(args, log)
+    check_flag(args.B % rt.world_size == 0, "--B",
+               f"{args.B} mentions do not split evenly over {rt.world_size} processes")
+    log.info(describe_runtime(rt, args.B, args.gradient_accumulation_steps))
+    return log
+
+
+def improved(score, best, ties_replace):
+    """Whether an epoch's val `score` replaces the `best` so far: on a tie the later epoch wins
+    when `ties_replace` (the retriever, as the original's >=), else the earlier one stays (the
+    reranker, as the original's >) (docs/DESIGN.md#training).
+
+    >>> improved(80.0, 80.0, ties_replace=True), improved(80.0, 80.0, ties_replace=False)
+    (True, False)
+    """
+    return score >= best if ties_replace else score > best
+
+
+# One checkpoint schema for both trainers: `<model>` holds CHECKPOINT_KEYS, `<model>.last` these
+# and TRAINING_STATE_KEYS. "script" names the script that wrote it ("main_retriever").
+CHECKPOINT_KEYS = ("script", "args", "model", "epoch", "step", "best_score", "results")
+TRAINING_STATE_KEYS = CHECKPOINT_KEYS + ("optimizer", "scheduler", "scaler", "losses", "rng")
+
+
+def load_run_checkpoint(path, script, flag="--model", training_state=False):
+    """The checkpoint at `path`, written by `script`; stop with one line naming `flag` when it is
+    missing, unreadable, another script's, or lacks an entry."""
+    state = load_checkpoint(path, flag=flag)
+    check_flag(isinstance(state, dict) and state.get("script") == script, flag,
+               f"{path} is not a checkpoint written by {script}.py")
+    keys, what = ((TRAINING_STATE_KEYS, "training state") if training_state
+                  else (CHECKPOINT_KEYS, "checkpoint"))
+    missing = [k for k in keys if k not in state]
+    check_flag(not missing, flag, f"{path} is not a whole {what} of {script}.py "
+               f"(no {missing[:1]})")
+    return state
+
+
+def load_weights(model, weights, path, flag):
+    try:
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError:
+        die(f"{flag}: {path} holds a model of another shape than these flags build")
+
+
+class TrainingRun:
+    """The bookkeeping of a training script around its loop: where it stands (`epoch`, `step`,
+    `best_score`, `losses`, `results`), resuming from `<model>.last` (--resume_training), the best
+    checkpoint `<model>` (by the val score; on a tie the later epoch replaces it when
+    `ties_replace`), the full state `<model>.last` and `<model>.results.json` after every epoch,
+    and the hidden --stop_after_epoch. Only the main process writes."""
+
+    def __init__(self, script, args, rt, log, results, criterion, ties_replace):
+        self.script, self.args, self.rt, self.log = script, args, rt, log
+        self.criterion, self.ties_replace = criterion, ties_replace
+        self.paths = {"best": args.model, "last": args.model + ".last",
+                      "results": args.model + ".results.json"}
+        self.epoch, self.step, self.best_score, self.losses = 0, 0, float("-inf"), []
+        self.results = results
+        self.quiet = args.quiet or not rt.is_main
+        self.total_steps = 0
+
+    def optimizers(self, model, num_examples, dtype):
+        """(optimizer, scheduler, gradient scaler) for `num_examples` mentions an epoch, from the
+        shared training flags; `model` is on its device."""
+        args = self.args
+        optimizer = build_optimizer(model, args.lr, args.weight_decay, args.adam_epsilon,
+                                    args.simpleoptim)
+        self.total_steps = num_training_steps(num_examples, args.B,
+                                              args.gradient_accumulation_steps, args.epochs)
+        scheduler = build_scheduler(optimizer, self.total_steps, args.warmup_proportion,
+                                    args.simpleoptim)
+        return optimizer, scheduler, grad_scaler(self.rt.device, dtype)
+
+    def resume_state(self):
+        """`<model>.last` with --resume_training (checked: a training state of this script),
+        else None."""
+        if not self.args.resume_training:
+            return None
+        last = self.paths["last"]
+        check_flag(os.path.isfile(last), "--resume_training",
+                   f"no checkpoint {last} to resume from")
+        return load_run_checkpoint(last, self.script, "--resume_training", training_state=True)
+
+    def restore(self, state, model, optimizer, scheduler, scaler):
+        """Continue where `state` (resume_state) left off; nothing when it is None."""
+        if state is None:
+            return
+        load_weights(model, state["model"], self.paths["last"], "--resume_training")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:  # empty when the run began without a float16 scaler
+            scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best_score = state["epoch"], state["step"], state["best_score"]
+        self.losses, self.results = list(state["losses"]), state["results"]
+        set_rng_state(state["rng"])
+        self.log.info("resumed from %s after epoch %d (step %d)", self.paths["last"], self.epoch,
+                      self.step)
+
+    def count_step(self, epoch, running, scheduler):
+        """After an optimizer step: count it; every --logging_steps steps keep and log the mean
+        loss since the last (`running`, a RunningMean)."""
+        self.step += 1
+        if self.step % self.args.logging_steps == 0:
+            self.losses.append(running.pop())
+            self.log.info("epoch %d step %d/%d: loss %.4f lr %.3g", epoch + 1, self.step,
+                          self.total_steps, self.losses[-1], scheduler.get_last_lr()[0])
+
+    def checkpoint(self, model, epoch, **training_state):
+        return {"script": self.script, "args": recorded_args(self.args),
+                "model": unwrap(model).state_dict(), "epoch": epoch, "step": self.step,
+                "best_score": self.best_score, "results": self.results, **training_state}
+
+    def end_epoch(self, epoch, score, model, optimizer, scheduler, scaler):
+        """After epoch `epoch` (1, 2, ...; 0: the untrained model) and its val `score`: save the
+        best checkpoint when it improved, the full state and the results. Returns True when
+        --stop_after_epoch asks the run to stop here."""
+        better = improved(score, self.best_score, self.ties_replace)
+        self.best_score = max(self.best_score, score)
+        if self.rt.is_main:
+            if better:
+                save_checkpoint(self.checkpoint(model, epoch), self.paths["best"])
+                self.log.info("new best val %s %.2f: saved %s", self.criterion, score,
+                              self.paths["best"])
+            state = self.checkpoint(model, epoch, optimizer=optimizer.state_dict(),
+                                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                                    losses=self.losses, rng=rng_state())
+            save_checkpoint(state, self.paths["last"])
+        self.save_results()
+        barrier(self.rt)
+        if self.args.stop_after_epoch == epoch:
+            self.log.info("--stop_after_epoch %d: stopping", epoch)
+            return True
+        return False
+
+    def load_best(self, model):
+        """Load the best checkpoint's weights into `model`; returns its epoch."""
+        state = load_run_checkpoint(self.paths["best"], self.script)
+        load_weights(model, state["model"], self.paths["best"], "--model")
+        self.log.info("loaded the best checkpoint %s (epoch %d, val %s %.2f)", self.paths["best"],
+                      state["epoch"], self.criterion, state["best_score"])
+        return state["epoch"]
+
+    def save_results(self):
+        if self.rt.is_main:
+            write_json(self.results, self.paths["results"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device check (one H200, one call): install, run the GPU-sized benchmark, then the
-# CUDA paths of the three scripts on the toy world (bf16 default, --fp16 with its scaler, --fp32).
+# CUDA paths of the three scripts on the toy world (float32 default, --fp16 with its scaler, --bf16).
 # Usage on the device machine: bash bench/gpu_check.sh "$OUT"
 set -euo pipefail
 OUT=${1:-bench/out}
@@ -15,7 +15,7 @@ D=$(mktemp -d)
 python3 toy_world.py "$D" >/dev/null
 common=(--data_dir "$D/data" --pretrained "$D/bert" --max_len 16 --k 8 --num_cands 8 --type_model sum_max
         --num_mention_vecs 8 --num_entity_vecs 8 --B 8 --lr 1e-3 --quiet)
-for p in "" --fp16 --fp32; do
+for p in "" --fp16 --bf16; do
   python3 main_retriever.py --model "$D/ret$p.pt" "${common[@]}" --epochs 1 $p 2>&1 | tail -n 2
 done
 python3 save_candidates.py --model "$D/ret.pt" --data_dir "$D/data" --pretrained "$D/bert" --num_cands 8 --cands_dir "$D/cands" --quiet 2>&1 | tail -n 2

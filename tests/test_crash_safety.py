@@ -1,5 +1,5 @@
-"""Issue 5, crash safety: a run killed with SIGKILL in the middle of training leaves only whole
-files (checkpoints load, results parse, no temporary file) and, restarted with
+"""Crash safety (docs/DESIGN.md#run-safety): a run killed with SIGKILL in the middle of training
+leaves only whole files (checkpoints load, results parse, no temporary file) and, restarted with
 --resume_training, ends with the same results as an uninterrupted run with the same seed; for the
 retriever and the reranker. And the writers behind every output file (utils.write_json,
 write_jsonl, save_checkpoint) never show a partial file, even when the writing fails half-way."""

@@ -9,8 +9,8 @@ from conftest import run_script
 from data_loader import (EntitySet, Zeshel, encode_entities, encode_mentions, prefix_pieces,
                          read_candidates, reranker_entity_ids, reranker_mention_ids,
                          reranker_pair, retriever_entity_window, retriever_mention_window,
-                         reranker_mention_window)
-from utils import UserError, load_tokenizer
+                         reranker_mention_window, load_tokenizer)
+from utils import UserError
 
 U0, U1, U2 = "[unused0]", "[unused1]", "[unused2]"
 
@@ -19,7 +19,7 @@ def seq(prefix, n):
     return [f"{prefix}{i}" for i in range(1, n + 1)]
 
 
-# ---------------------------------------------------------------- retriever mention window (SPEC 2)
+# ------------------------------------------------ retriever mention window (docs/DESIGN.md#windows)
 # max_len 10: budget b = 8 pieces, the mention with its two markers included.
 
 def test_mention_at_document_start_keeps_right_context():
@@ -68,7 +68,7 @@ def test_entity_window_is_title_marker_text_cut():
     assert retriever_entity_window(["t"], [], 8) == ["t", U2]
 
 
-# ---------------------------------------------------------------- reranker windows (SPEC 6)
+# ------------------------------------------------------- reranker windows (docs/DESIGN.md#windows)
 
 def test_reranker_window_centres_with_ceil_half():
     left, right = ["a", "b", "c", "d"], ["x", "y", "z", "w"]

@@ -1,5 +1,5 @@
-"""The synthetic gradient-bias experiment (SPEC 7): vectorised NCE vs the per-label loop, the paper's
-finding on a small configuration, the command line and the figures."""
+"""The synthetic gradient-bias experiment (docs/DESIGN.md#gradient-bias): vectorised NCE vs the
+per-label loop, the paper's finding on a small configuration, the command line and the figures."""
 import json
 import sys
 
@@ -78,7 +78,7 @@ def test_small_run_shows_the_papers_finding():
 
 def test_main_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bias.json"
-    main(SMALL + ["--steps", "2", "--out", str(out)])
+    main([a for a in SMALL if a != "--quiet"] + ["--steps", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert len(result["records"]) == 2
     assert list(result["records"][0]) == ["loss_avg", "xent", "rand", "hard", "diff_rand",
@@ -102,7 +102,6 @@ def population_of(result):
     (["--temp", "0"], "--temp"),
     (["--lr", "nan"], "--lr"),
     (["--monte_carlo", "0"], "--monte_carlo"),
-    (["--replacement", "--sampling", "iid"], "--replacement"),
     (["--out", "/no/such/folder/x.json"], "--out"),
     (["--plot", "/dev/null/figures"], "--plot"),
 ])
@@ -114,9 +113,31 @@ def test_bad_flags_are_one_line_and_exit_2(argv, flag, capsys):
     assert err.count("\n") == 1 and flag in err
 
 
-def test_iid_sampling_allows_many_negatives():
-    args = parse_args(["--num_labels", "10", "--num_negatives", "20", "--sampling", "iid"])
+def test_replacement_allows_many_negatives():
+    args = parse_args(["--num_labels", "10", "--num_negatives", "20", "--replacement"])
     assert args.num_negatives == 20
+
+
+@pytest.mark.parametrize("flags, replacement", [([], False), (["--replacement"], True)])
+def test_replacement_flag_draws_with_replacement(flags, replacement, monkeypatch):
+    """Without the flag every draw is without replacement (the published curves); with it, with."""
+    import gradient_bias
+    seen, draw = [], gradient_bias.draw_negatives
+
+    def spy(*args):
+        seen.append(args[-1])
+        return draw(*args)
+    monkeypatch.setattr(gradient_bias, "draw_negatives", spy)
+    assert parse_args(flags).replacement is replacement
+    run(parse_args(SMALL + ["--steps", "2"] + flags))
+    assert seen and set(seen) == {replacement}
+
+
+def test_quiet_prints_nothing(tmp_path, capsys):
+    main(SMALL + ["--steps", "1", "--out", str(tmp_path / "bias.json")])
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    assert (tmp_path / "bias.json").is_file()
 
 
 def test_plot_without_matplotlib_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -9,7 +9,9 @@ import torch
 
 import reranker
 from data_loader import EntitySet, Zeshel
-from utils import MENTION_END, MENTION_START, UserError, load_tokenizer
+from data_loader import MENTION_END, MENTION_START, load_tokenizer
+from retriever import nce_loss
+from utils import UserError
 
 WORDS = ("la lb lc ld le lf mm mn ra rb rc rd re ea eb ec ed ee ef eg eh ei ez "
          "na nb nc nd ne nf ng").split()
@@ -51,7 +53,7 @@ def test_pair_encoding_hand_worked(tiny):
     tokenizer, zeshel = tiny
     L = 16  # mention budget (16 - 3) // 2 = 6 pieces, entity budget 16 - 3 - 6 = 7
     rows = [np.array([0, 1])] * 3
-    plain, marked = (reranker.encode_split(tokenizer, zeshel, "train", rows, L, mark)
+    plain, marked = (reranker.encode_candidate_windows(tokenizer, zeshel, "train", rows, L, mark)
                      for mark in (False, True))
     # mention 0: rest = 6 - 1 = 5, half = ceil(5 / 2) = 3 left pieces, then the right side
     assert tokens(tokenizer, plain[0][0]) == ["lc", "ld", "le", "mm", "ra", "rb"]
@@ -82,8 +84,8 @@ def test_pair_encoding_hand_worked(tiny):
 def test_collate_pads_rows_and_cuts_length(tiny):
     tokenizer, zeshel = tiny
     L = 40
-    mention_ids, entity_ids, _ = reranker.encode_split(tokenizer, zeshel, "train",
-                                                       [np.array([0, 1])] * 3, L, False)
+    mention_ids, entity_ids, _ = reranker.encode_candidate_windows(
+        tokenizer, zeshel, "train", [np.array([0, 1])] * 3, L, False)
     rows = [np.array([1]), np.array([0, 1, 1])]  # mention 0: one candidate, mention 1: three
     dataset = reranker.CandidateDataset([0, 1], rows, mention_ids, entity_ids, L, tokenizer)
     index, ids, types, mask = reranker.collate([dataset[0], dataset[1]])
@@ -97,15 +99,25 @@ def test_collate_pads_rows_and_cuts_length(tiny):
     assert ids[0, 1:].sum() == 0 and types[0, 1:].sum() == 0  # the missing candidates
 
 
+def test_docstring_examples_run():
+    import doctest
+    assert doctest.testmod(reranker).failed == 0
+
+
 def test_prepare_candidates():
     cands = ["a", "b", "g", "c", "d"]
     assert reranker.prepare_candidates(cands, "g", 4, training=True) == ["g", "a", "b", "c"]
     assert reranker.prepare_candidates(cands, "g", 4, training=False) == ["g", "a", "b", "c"]
     assert reranker.prepare_candidates(cands, "g", 3, training=False) == ["g", "a", "b"]
-    # gold beyond the first C: appended in front in training (C + 1 candidates), dropped in eval
-    assert reranker.prepare_candidates(cands, "g", 2, training=True) == ["g", "a", "b"]
+    # gold beyond the first C: put in front in training, C candidates in all (the C-th drops
+    # out, as the original); dropped in evaluation
+    for C in (1, 2):
+        assert reranker.prepare_candidates(cands, "g", C, training=True) == ["g", "a", "b"][:C]
     assert reranker.prepare_candidates(cands, "g", 2, training=False) is None
+    # a list shorter than C: nothing drops out
     assert reranker.prepare_candidates(["a", "b"], "g", 64, training=True) == ["g", "a", "b"]
+    assert reranker.prepare_candidates(["a", "b"], "g", 3, training=True) == ["g", "a", "b"]
+    assert reranker.prepare_candidates(["a", "b"], "g", 2, training=True) == ["g", "a"]
     assert reranker.prepare_candidates(["g"], "g", 64, training=False) == ["g"]
 
 
@@ -165,7 +177,7 @@ def test_missing_candidates_score_minus_inf_and_mask_is_used(ranker):
     assert torch.allclose(one[0, 0], scores[0, 1], atol=1e-5)
     # -inf rows take no part in the loss or its gradient
     ranker.train()
-    loss = reranker.ranking_loss(ranker(ids, types, mask))
+    loss = nce_loss(ranker(ids, types, mask))
     loss.backward()
     ranker.eval()
     assert torch.isfinite(loss)
@@ -175,10 +187,11 @@ def test_missing_candidates_score_minus_inf_and_mask_is_used(ranker):
 
 def test_windows_for_the_retriever_scorers(tiny):
     tokenizer, zeshel = tiny
-    mention_ids, entity_ids, rows = reranker.encode_split(
+    mention_ids, entity_ids, rows = reranker.encode_candidate_windows(
         tokenizer, zeshel, "train", [np.array([1, 0]), None, np.array([4])], 12, pairs=False)
     assert [r.tolist() if r is not None else None for r in rows] == [[1, 0], None, [2]]
-    # the retriever's windows (SPEC 2; budget 10, rest 10 - 1 - 2 = 7, half 3 left pieces):
+    # the retriever's windows (docs/DESIGN.md#windows; budget 10, rest 10 - 1 - 2 = 7, half 3
+    # left pieces):
     # markers around the mention; title [unused2] text
     assert tokens(tokenizer, mention_ids[0]) == ["[CLS]", "lc", "ld", "le", MENTION_START, "mm",
                                                  MENTION_END, "ra", "rb", "rc", "rd", "[SEP]"]
@@ -206,11 +219,9 @@ def test_retriever_scorers_over_candidates(type_model):
     mention_mask, cand_mask = torch.ones_like(mention), torch.ones_like(cands)
     with torch.no_grad():
         scores = model(mention, mention_mask, cands, cand_mask)  # (2, 3)
-        # the same as the retriever's own training loss over these candidates
+        # the same as the retriever's own scores of these candidates
         expected = model.retriever(mention[:, 0], mention_mask[:, 0], cands, cand_mask)
-        ours = torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long),
-                                                 reduction="none")
-        assert torch.allclose(ours, expected, atol=1e-5)
+        assert torch.allclose(scores, expected, atol=1e-5)
         cand_mask[1, 2] = 0
         cands[1, 2] = 0
         partial = model(mention, mention_mask, cands, cand_mask)
@@ -218,11 +229,11 @@ def test_retriever_scorers_over_candidates(type_model):
     assert torch.allclose(partial.flatten()[:5], scores.flatten()[:5], atol=1e-5)
 
 
-def test_ranking_loss_and_gold_on_top():
+def test_nce_loss_and_gold_on_top():
     scores = torch.tensor([[2.0, 1.0, float("-inf")], [0.0, 3.0, 1.0]])
     expected = -((2.0 - math.log(math.exp(2) + math.exp(1)))
                  + (0.0 - math.log(1 + math.exp(3) + math.exp(1)))) / 2
-    assert abs(reranker.ranking_loss(scores).item() - expected) < 1e-6
+    assert abs(nce_loss(scores).item() - expected) < 1e-6
     inf = float("inf")
     ties = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.5, -inf], [0.0, -inf, -inf]])
     assert reranker.gold_on_top(ties).tolist() == [False, True, True]

@@ -67,14 +67,18 @@ def test_learns_well_above_chance(whole):
     assert best["acc_norm"] >= 2 * chance and test["acc_norm"] >= 2 * chance
     state = torch.load(whole, weights_only=True)
     assert state["epoch"] == best["epoch"] and "score.weight" in state["model"]
-    assert torch.load(whole + ".last", weights_only=True)["epoch"] == 6
+    last = torch.load(whole + ".last", weights_only=True)
+    assert last["epoch"] == 6
+    # one checkpoint schema for both trainers, naming the script that wrote it
+    from utils import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
+    assert set(state) == set(CHECKPOINT_KEYS) and set(last) == set(TRAINING_STATE_KEYS)
+    assert state["script"] == last["script"] == "main_reranker"
     assert os.path.isfile(whole + ".log")
 
 
 def test_resume_ends_as_uninterrupted(toy, cands, whole, tmp_path):
     cut = str(tmp_path / "cut.pt")
-    out = run_script("main_reranker.py", *common(toy, cands, cut), *TRAIN,
-                     env={"HARD_NCE_STOP_AFTER_EPOCH": "1"})
+    out = run_script("main_reranker.py", *common(toy, cands, cut), *TRAIN, "--stop_after_epoch", 1)
     assert out.returncode == 0, out.stderr[-3000:]
     halfway = read_results(cut)
     assert len(halfway["val"]) == 1 and halfway["test"] is None
@@ -108,7 +112,7 @@ def test_one_epoch_of_a_real_bert_beats_chance(toy, cands, tmp_path):
     model = str(tmp_path / "minilm.pt")
     args = common(toy, cands, model)
     args[args.index("--pretrained") + 1] = minilm.get_model_path()
-    args[args.index("--C") + 1] = 3  # train on the gold + the first 3 (cheaper), evaluate on 8
+    args[args.index("--C") + 1] = 3  # train on 3 candidates, the gold first (cheaper); evaluate 8
     out = run_script("main_reranker.py", *args, "--L", 16, "--B", 8, "--lr", 1e-4, "--epochs", 1,
                      "--inputmark")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -160,13 +164,17 @@ def test_user_errors(toy, cands, tmp_path, capsys):
 
     other = str(tmp_path / "other.pt")
     state = {k: {} for k in ("model", "optimizer", "scheduler", "scaler", "rng", "results")}
-    torch.save({**state, "args": {"type_model": "dual"}, "epoch": 1, "step": 1, "losses": [],
-                "best_score": 0.0}, other + ".last")
+    torch.save({**state, "script": "main_reranker", "args": {"type_model": "dual"}, "epoch": 1,
+                "step": 1, "losses": [], "best_score": 0.0}, other + ".last")
     fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
                         "--resume_training"], "--type_model", "dual")
-    torch.save({"model": {}}, other + ".last")
+    torch.save({"script": "main_reranker", "model": {}}, other + ".last")
     fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
-                        "--resume_training"], "--resume_training", "not a reranker's training state")
+                        "--resume_training"], "--resume_training", "not a whole training state")
+    torch.save({**state, "script": "main_retriever"}, other + ".last")
+    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
+                        "--resume_training"], "--resume_training",
+               "not a checkpoint written by main_reranker.py")
 
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -8,9 +8,9 @@ import torch
 
 import retriever
 from retriever import (SCORERS, CodeAttention, GumbelTopK, Retriever, TopK, adjust_negative_scores,
-                       all_pairs_interactions, candidate_counts, entity_chunks, mine_hard_negatives,
-                       paired_interactions, sample_random_negatives, stream_scores,
-                       training_candidates, vector_counts)
+                       all_pairs_interactions, candidate_counts, entity_chunks, epoch_negatives,
+                       mine_hard_negatives, nce_loss, paired_interactions, sample_random_negatives,
+                       stream_scores, training_candidates, vector_counts)
 
 CPU = torch.device("cpu")
 
@@ -23,7 +23,8 @@ def test_docstring_examples_run():
 # Scorers
 
 def brute_force_score(type_model, u, v):
-    """The SPEC 3 formulas, one pair of (m, d) and (n, d) vector lists at a time."""
+    """The formulas of docs/DESIGN.md#scorers, one pair of (m, d) and (n, d) vector lists at a
+    time."""
     dot = lambda a, b: float(sum(x * y for x, y in zip(a.tolist(), b.tolist())))
     if type_model == "dual":
         return dot(u[0], v[0])
@@ -109,13 +110,17 @@ def test_retriever_vectors_and_training_loss(codes):
     cv = model.entity_vectors(cand_ids.view(6, 8), cand_mask.view(6, 8)).view(2, 3, 2, 16)
     scores = torch.tensor([[brute_force_score("sum_max", cu[b].double(), cv[b, c].double())
                             for c in range(3)] for b in range(2)])
-    loss = model(ids[:2], mask[:2], cand_ids, cand_mask)
-    assert torch.allclose(loss, -scores.log_softmax(1)[:, 0].float(), atol=1e-4)
+    got = model(ids[:2], mask[:2], cand_ids, cand_mask)          # the model returns the scores
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+    assert torch.allclose(got, scores, atol=1e-4)
+    # the loss: the mean over mentions of the cross-entropy with the gold at 0
+    loss = nce_loss(got)
+    assert torch.allclose(loss, -scores.log_softmax(1)[:, 0].mean().float(), atol=1e-4)
     log_q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.3]]))
     adjusted = scores.clone()
     adjusted[:, 1:] -= torch.log(2 * log_q.exp().double())
-    loss_q = model(ids[:2], mask[:2], cand_ids, cand_mask, log_q)
-    assert torch.allclose(loss_q, -adjusted.log_softmax(1)[:, 0].float(), atol=1e-4)
+    loss_q = nce_loss(got, log_q)
+    assert torch.allclose(loss_q, -adjusted.log_softmax(1)[:, 0].mean().float(), atol=1e-4)
 
 
 def test_adjusted_logits_are_score_minus_log_K_q():
@@ -322,3 +327,37 @@ def test_gumbel_top_k_is_independent_of_chunking_in_distribution():
     idx, log_q = sampler.sample()
     assert torch.allclose(log_q, scores.log_softmax(1).gather(1, idx), atol=1e-5)
     assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()
+
+
+@pytest.mark.parametrize("type_cands", ["mixed_negative", "hard_negative",
+                                        "hard_adjusted_negative", "random_negative"])
+def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
+    """One call gives an epoch's negatives; a batch's candidates are [gold] + fresh random + the
+    mined ones (training_candidates), log q only for hard_adjusted_negative, and the processes'
+    shares of a batch put together are the whole batch."""
+    from types import SimpleNamespace
+    model, full, _ = table_setup()
+    golds = torch.tensor([0, 4, 7, 11, 13, 2, 19, 5, 9])
+    data = SimpleNamespace(mention_ids=row_ids(9)[0], mention_mask=row_ids(9)[1],
+                           entity_ids=row_ids(20)[0], entity_mask=row_ids(20)[1], golds=golds,
+                           entities=range(20))
+    negatives = epoch_negatives(model, data, type_cands, 6, 0.5, entity_bsz=7, device=CPU,
+                                generator=torch.Generator().manual_seed(0))
+    num_rands, num_hards = candidate_counts(type_cands, 6, 0.5)
+    assert negatives.num_rands == num_rands and negatives.num_entities == 20
+    assert (negatives.hard is None) == (num_hards == 0)
+    assert (negatives.log_q is not None) == (type_cands == "hard_adjusted_negative")
+    if type_cands == "mixed_negative":
+        assert torch.equal(negatives.hard, full.topk(3, dim=1).indices)
+    batch = torch.tensor([3, 0, 8, 5])
+    own, cands, log_q = negatives.batch(batch, torch.Generator().manual_seed(1))
+    expected = training_candidates(golds[batch], 20, num_rands,
+                                   None if negatives.hard is None else negatives.hard[batch],
+                                   torch.Generator().manual_seed(1))
+    assert torch.equal(own, batch) and torch.equal(cands, expected)
+    assert cands.shape == (4, 1 + 6) and torch.equal(cands[:, 0], golds[batch])
+    if log_q is not None:
+        assert torch.equal(log_q, negatives.log_q[batch])
+    shares = [negatives.batch(batch, torch.Generator().manual_seed(1), rank, 2) for rank in (0, 1)]
+    assert torch.equal(torch.cat([s[0] for s in shares]), own)
+    assert torch.equal(torch.cat([s[1] for s in shares]), cands)

@@ -67,11 +67,16 @@ def test_two_epochs_raise_val_recall_well_above_the_untrained_baseline(runs):
     assert trained["test"]["recall@8"] >= base["test"]["recall@8"] + 30
     state = torch.load(runs["trained"], weights_only=True)
     assert state["args"]["type_model"] == "sum_max" and state["epoch"] == trained["test"]["epoch"]
+    # one checkpoint schema for both trainers, naming the script that wrote it
+    from utils import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
+    last = torch.load(str(runs["trained"]) + ".last", weights_only=True)
+    assert set(state) == set(CHECKPOINT_KEYS) and set(last) == set(TRAINING_STATE_KEYS)
+    assert state["script"] == last["script"] == "main_retriever" and last["epoch"] == 2
 
 
 def test_resumed_run_ends_where_the_uninterrupted_one_does(toy, runs):
     model = runs["folder"] / "resumed.pt"
-    train(toy, model, "--epochs", "2", env={"HARD_NCE_STOP_AFTER_EPOCH": "1"})
+    train(toy, model, "--epochs", "2", "--stop_after_epoch", "1")
     halfway = results(model)
     assert len(halfway["val"]) == 1 and halfway["test"] is None
     assert torch.load(str(model) + ".last", weights_only=True)["epoch"] == 1
@@ -85,7 +90,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(toy, runs):
 
 def test_save_candidates_ranks_each_world_as_scoring_by_hand(toy, runs):
     from data_loader import Zeshel
-    from retriever import all_pairs_interactions, encode_split, load_retriever
+    from retriever import all_pairs_interactions, encode_retriever_split, load_retriever
     data_dir, bert_dir = toy
     cands_dir = runs["folder"] / "cands"
     r = run_script("save_candidates.py", "--model", runs["trained"], "--data_dir", data_dir,
@@ -110,7 +115,7 @@ def test_save_candidates_ranks_each_world_as_scoring_by_hand(toy, runs):
     tokenizer, model = load_retriever(bert_dir, "sum_max", 8, 8)
     model.load_state_dict(state["model"])
     model.eval()
-    data = encode_split(tokenizer, zeshel, "val", 16)
+    data = encode_retriever_split(tokenizer, zeshel, "val", 16)
     with open(cands_dir / "candidates_val.json") as f:
         listed = [json.loads(line)["candidates"] for line in f]
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""Issue 5, bad input: every user mistake ends with exit status 2 and one line on stderr naming the
-flag or file, no traceback, before any training, and leaves no output file behind (no checkpoint,
-results or candidates file, no temporary file; a log of the failed run is allowed).
+"""Bad input (docs/DESIGN.md#run-safety): every user mistake ends with exit status 2 and one line
+on stderr naming the flag or file, no traceback, before any training, and leaves no output file
+behind (no checkpoint, results or candidates file, no temporary file; a log of the failed run is
+allowed).
 
 The table runs each script's main() in this process (a subprocess costs seconds of imports per
 row); `test_real_processes` checks the same contract on three rows run as real processes."""

@@ -1,4 +1,5 @@
-"""utils: --gpus on a machine with fewer GPUs, the default precision, the schedule, atomic files."""
+"""utils: --gpus on a machine with fewer GPUs, the precision, the tie rule, the schedule, logs."""
+import doctest
 import os
 from unittest import mock
 
@@ -19,16 +20,50 @@ def test_usable_gpus(gpus, count, expected):
         assert utils.usable_gpus(gpus) == expected
 
 
-def test_precision_defaults():
+@pytest.mark.parametrize("flag", [None, "fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("bf16_supported", [True, False])
+def test_precision_chosen_on_cuda_and_cpu(flag, bf16_supported):
+    """float32 (None) unless --fp16 / --bf16 asks, on every device; a CUDA device is not needed."""
+    flags = {flag: True} if flag else {}
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert utils.amp_dtype(device=cpu) is None
-    assert utils.amp_dtype(fp16=True, device=cpu) == torch.bfloat16  # float16 needs CUDA
-    assert utils.amp_dtype(fp16=True, device=cuda) == torch.float16
-    with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=True):
-        assert utils.amp_dtype(device=cuda) == torch.bfloat16        # the GPU default
-        assert utils.amp_dtype(device=cuda, fp32=True) is None
-    with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=False):
-        assert utils.amp_dtype(device=cuda) is None
+    with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16_supported):
+        on_cpu = utils.amp_dtype(device=cpu, **flags)
+        if flag == "bf16" and not bf16_supported:
+            with pytest.raises(utils.UserError, match="--bf16"):
+                utils.amp_dtype(device=cuda, **flags)
+            on_cuda = "stops"
+        else:
+            on_cuda = utils.amp_dtype(device=cuda, **flags)
+    expected = {None: (None, None), "fp32": (None, None),
+                "fp16": (torch.bfloat16, torch.float16),     # float16 autocast needs CUDA
+                "bf16": (torch.bfloat16, torch.bfloat16 if bf16_supported else "stops")}[flag]
+    assert (on_cpu, on_cuda) == expected
+
+
+def test_precision_flags_are_mutually_exclusive(capsys):
+    parser = utils.ArgumentParser()
+    utils.add_precision_args(parser)
+    assert vars(parser.parse_args([])) == {"fp16": False, "bf16": False, "fp32": False}
+    for a, b in (("--fp16", "--fp32"), ("--fp16", "--bf16"), ("--bf16", "--fp32")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([a, b])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: argument ") and a in err and b in err, err
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(utils).failed == 0
+
+
+def test_best_checkpoint_tie_rule():
+    # the retriever keeps the later epoch on a tie, the reranker the earlier one
+    assert utils.improved(90.0, 90.0, ties_replace=True)
+    assert not utils.improved(90.0, 90.0, ties_replace=False)
+    for ties_replace in (True, False):
+        assert utils.improved(90.5, 90.0, ties_replace)
+        assert not utils.improved(89.5, 90.0, ties_replace)
+        assert utils.improved(0.0, float("-inf"), ties_replace)
 
 
 def test_linear_warmup_then_decay():

@@ -1,0 +1,131 @@
+"""The three scripts' command lines: every flag of the original keeps the original's default (read
+from parse_args), and argparse mistakes end in one line naming the flag, exit status 2."""
+import pytest
+
+import main_reranker
+import main_retriever
+import save_candidates
+
+# The original's argparse defaults (docs/DESIGN.md#training, #candidates, #reranker).
+RETRIEVER = {"max_len": 128, "type_cands": "mixed_negative", "B": 128, "lr": 2e-5, "epochs": 3,
+             "k": 64, "warmup_proportion": 0.1, "weight_decay": 0.01, "adam_epsilon": 1e-6,
+             "gradient_accumulation_steps": 1, "seed": 42, "simpleoptim": False, "clip": 1.0,
+             "logging_steps": 1000, "gpus": "", "eval_criterion": "recall", "pre_model": "Bert",
+             "cands_ratio": 1.0, "num_cands": 128, "smoothing_value": 1.0,
+             "eval_batchsize": 512, "mention_bsz": 512, "entity_bsz": 512, "exclude_golds": False,
+             "type_model": "dual", "num_mention_vecs": 8, "num_entity_vecs": 8,
+             "mention_use_codes": False, "entity_use_codes": False, "resume_training": False,
+             "fp16": False, "bf16": False, "fp32": False}
+RERANKER = {"L": 256, "C": 64, "C_eval": 64, "B": 8, "lr": 2e-5, "warmup_proportion": 0.1,
+            "weight_decay": 0.01, "adam_epsilon": 1e-6, "gradient_accumulation_steps": 1,
+            "epochs": 3, "logging_steps": 1000, "clip": 1.0, "init": 0.0, "seed": 42,
+            "num_workers": 0, "gpus": "", "simpleoptim": False, "eval_method": "macro",
+            "type_model": "full", "type_bert": "base", "num_mention_vecs": 8,
+            "num_entity_vecs": 8, "mention_use_codes": False, "entity_use_codes": False,
+            "inputmark": False, "resume_training": False, "fp16": False, "bf16": False,
+            "fp32": False}
+# save_candidates: the model's shape comes from the checkpoint unless a flag gives it
+CANDIDATES = {"num_cands": 64, "entity_bsz": 512, "mention_bsz": 512, "gpus": "",
+              "type_model": None, "pre_model": None, "num_mention_vecs": None,
+              "num_entity_vecs": None, "max_len": None, "fp16": False, "bf16": False,
+              "fp32": False}
+
+
+def defaults(module, argv):
+    return vars(module.parse_args(argv))
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    (main_retriever, ["--model", "m.pt", "--data_dir", "d"], RETRIEVER),
+    (save_candidates, ["--model", "m.pt", "--data_dir", "d", "--cands_dir", "c"], CANDIDATES),
+    (main_reranker, ["--model", "m.pt", "--data", "d", "--cands_dir", "{tmp}"], RERANKER),
+])
+def test_defaults_are_the_originals(module, argv, expected, tmp_path):
+    args = defaults(module, [a.format(tmp=tmp_path) for a in argv])
+    assert {k: args[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("module, argv", [
+    (main_retriever, ["--model", "m.pt", "--data_dir", "d"]),
+    (save_candidates, ["--model", "m.pt", "--data_dir", "d", "--cands_dir", "c"]),
+    (main_reranker, ["--model", "m.pt", "--data", "d", "--cands_dir", "{tmp}"]),
+])
+@pytest.mark.parametrize("bad, flag", [(["--fp16", "--fp32"], "--fp32"),
+                                       (["--bf16", "--fp16"], "--fp16"),
+                                       (["--B", "x"], "--B"),
+                                       (["--no_such_flag"], "--no_such_flag")])
+def test_argparse_errors_are_one_line(module, argv, bad, flag, tmp_path, capsys):
+    if flag == "--B" and module is save_candidates:
+        bad, flag = ["--num_cands", "x"], "--num_cands"
+    with pytest.raises(SystemExit) as e:
+        module.main([a.format(tmp=tmp_path) for a in argv] + bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert flag in err, err
+
+
+@pytest.mark.parametrize("module, argv", [
+    (main_retriever, ["--model", "m.pt"]),
+    (save_candidates, ["--model", "m.pt", "--cands_dir", "c"]),
+    (main_reranker, ["--model", "m.pt", "--cands_dir", "{tmp}"]),
+])
+@pytest.mark.parametrize("flag", ["--data", "--data_dir"])
+def test_data_and_data_dir_both_name_the_zeshel_folder(module, argv, flag, tmp_path):
+    args = module.parse_args([a.format(tmp=tmp_path) for a in argv] + [flag, "zeshel"])
+    assert args.data_dir == "zeshel"
+
+
+def test_compatibility_flags_do_nothing_and_say_so(capsys):
+    """The original's flags that have nothing to do here parse, default to None, are left out
+    of what a run records, and one notice names those given."""
+    import logging
+    import sys
+    from utils import COMPATIBILITY_FLAGS, compatibility_notice, recorded_args
+    args = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d"])
+    assert all(getattr(args, name) is None for name in
+               ("num_hards", "num_workers", "store_en_hiddens", "en_hidden_path"))
+    given = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d", "--num_hards", "10",
+                                       "--store_en_hiddens", "--en_hidden_path", "/x"])
+    assert given.num_hards == 10 and given.store_en_hiddens is True
+    assert not set(recorded_args(given)) & set(COMPATIBILITY_FLAGS)
+    assert recorded_args(given)["B"] == 128
+    log = logging.getLogger("test_compatibility_notice")
+    log.handlers[:] = [logging.StreamHandler(sys.stdout)]
+    log.setLevel(logging.INFO)
+    compatibility_notice(args, log)
+    assert capsys.readouterr().out == ""
+    compatibility_notice(given, log)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("notice: --num_hards, --store_en_hiddens, "
+                                                   "--en_hidden_path accepted"), lines
+    assert "--fp16_opt_level" not in lines[0]
+    assert main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
+                                     "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
+
+
+@pytest.mark.parametrize("module", [main_retriever, main_reranker])
+def test_stop_after_epoch_is_hidden(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--stop_after_epoch" not in out and "--fp16" in out
+
+
+def test_scorer_choices_come_from_the_registry():
+    import reranker
+    from retriever import SCORERS
+    for module, extra in ((main_retriever, ()), (save_candidates, ()), (main_reranker, ("full",))):
+        assert tuple(type_model_choices(module)) == extra + tuple(SCORERS)
+    assert reranker.TYPE_MODELS == ("full",) + tuple(SCORERS)
+
+
+def type_model_choices(module):
+    """The --type_model choices of a script's parser (read through argparse's error message)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        module.parse_args(["--type_model", "nonsense"])
+    message = err.getvalue()
+    inside = message[message.index("(choose from") + len("(choose from"):message.rindex(")")]
+    return [c.strip(" '") for c in inside.split(",")]
