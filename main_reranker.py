@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 import reranker
 from data_loader import Zeshel, read_candidates
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
-                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, gradient_sync,
-                   load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
-                   optimizer_step, progress, rng_state, RunningMean, save_checkpoint,
-                   set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
+                   build_scheduler, check_candidates_manifest, check_flag, check_positive,
+                   check_resume_flags, cleanup_runtime, cli_main, describe_runtime, die,
+                   get_logger, grad_scaler, gradient_sync, load_checkpoint, load_encoder,
+                   load_tokenizer, LossCheck, num_training_steps, optimizer_step, progress,
+                   rng_state, RunningMean, save_checkpoint, set_rng_state, set_seed,
+                   setup_runtime, start_run, unwrap, update_step, write_json)
 
 
 SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
@@ -84,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--fp16_opt_level", default="O1", help="accepted for compatibility (no apex)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run at --model (a checkpoint of another "
+                        "script or other flags)")
     args = p.parse_args(argv)
 
     check_flag(args.model, "--model", "give the path of the checkpoint to write")
@@ -120,7 +124,9 @@ def load_split(args, zeshel, tokenizer, split, training):
     """A split's CandidateDataset (in evaluation only the mentions whose gold is among the first
     --C_eval candidates) and kept (M,) bool."""
     mentions = zeshel.mentions[split]
-    cands = read_candidates(args.cands_dir, split, mentions)
+    cands = read_candidates(args.cands_dir, split, mentions, documents=zeshel.documents,
+                            C=args.C if training else args.C_eval,
+                            C_flag="--C" if training else "--C_eval")  # Run safety
     path = os.path.join(args.cands_dir, f"candidates_{split}.json")
     rows, kept = reranker.candidate_indices(zeshel.entities(split), mentions, cands,
                                             args.C if training else args.C_eval, training, path)
@@ -189,6 +195,7 @@ def load_weights(model, state, path, flag):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    start_run(args, "main_reranker")  # Run safety: paths, lock, signals, overwrite protection
     rt = setup_runtime(args.gpus)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -213,6 +220,7 @@ def run(args, rt):
     state = None
     if args.resume_training:
         state = load_checkpoint(paths["last"], flag="--resume_training")
+        check_resume_flags(args, state, paths["last"], "main_reranker")  # Run safety
         keys = ("args", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "losses",
                 "best_score", "rng", "results")
         missing = [k for k in keys if not isinstance(state, dict) or k not in state]
@@ -231,6 +239,8 @@ def run(args, rt):
     positions = getattr(encoder.config, "max_position_embeddings", args.L)
     check_flag(args.L <= positions, "--L", f"{args.L} is longer than the {positions} positions "
                f"of {name}")
+    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
+                                               ("train", "val", "test")])  # Run safety
     train, _ = load_split(args, zeshel, tokenizer, "train", training=True)
     log.info(f"train: {len(train)} mentions, the first {args.C} candidates each, the gold first "
              f"(added where missing)")
@@ -272,6 +282,7 @@ def run(args, rt):
         train_model = model
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
     accum = args.gradient_accumulation_steps
+    loss_check = LossCheck(args)  # Run safety: stop at a non-finite loss
 
     def save(epoch):
         """After an epoch's validation: the best checkpoint when it improved, the full state."""
@@ -309,6 +320,7 @@ def run(args, rt):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = reranker.ranking_loss(scores)  # scores (B, C), the gold at 0
                 scaler.scale(loss / accum).backward()
+            loss_check.watch(loss, epoch + 1, step)  # Run safety
             running.add(loss)
             if not update:
                 continue
@@ -318,7 +330,7 @@ def run(args, rt):
                 losses.append(running.pop())
                 log.info(f"epoch {epoch + 1} step {step}/{total}: loss {losses[-1]:.4f} "
                          f"lr {scheduler.get_last_lr()[0]:.3g}")
-
+        loss_check.flush()  # Run safety: the last batch's loss, before anything is saved
         results["val"].append(evaluate(eval_model, evals["val"], args, rt, dtype, epoch + 1))
         log.info(f"epoch {epoch + 1} val: {describe(results['val'][-1], args.eval_method)}")
         save(epoch + 1)

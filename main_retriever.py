@@ -35,10 +35,10 @@ from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, ch
                        rank_split, ranking_entry, training_candidates, vector_counts)
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
+                   check_resume_flags, describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
                    num_training_steps, optimizer_step, progress, rng_state, RunningMean,
-                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, update_step,
-                   write_json)
+                   save_checkpoint, set_rng_state, set_seed, setup_runtime, start_run, unwrap,
+                   update_step, write_json, LossCheck)
 
 
 def parse_args(argv=None):
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--model",
                    help="checkpoint path (required); also <model>.last, .log, .results.json")
     p.add_argument("--resume_training", action="store_true", help="continue from <model>.last")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run at --model (a checkpoint of another "
+                        "script or other flags)")
     p.add_argument("--max_len", type=int, default=128, help="tokens of a mention or entity window")
     p.add_argument("--num_hards", type=int, default=10, help="accepted for compatibility; "
                    "the counts come from --num_cands and --cands_ratio")
@@ -151,6 +154,7 @@ def checkpoint(args, model, epoch, step, best_score, results, **full):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    start_run(args, "main_retriever")  # Run safety: paths, lock, signals, overwrite protection
     rt = setup_runtime(args.gpus)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -169,6 +173,7 @@ def main(argv=None):
         check_flag(os.path.isfile(last_path), "--resume_training",
                    f"no checkpoint {last_path} to resume from")
         state = load_checkpoint(last_path, flag="--resume_training")
+        check_resume_flags(args, state, last_path, "main_retriever")  # Run safety
         check_same_model(args, state, last_path)
 
     set_seed(args.seed)
@@ -235,6 +240,8 @@ def main(argv=None):
                  entry[f"micro_{key}"], worlds)
         return entry
 
+    loss_check = LossCheck(args)  # Run safety: stop at a non-finite loss
+
     def save_results():
         if rt.is_main:
             write_json(results, args.model + ".results.json")
@@ -272,6 +279,7 @@ def main(argv=None):
                 with autocast(device, dtype):
                     loss = train_model(*inputs).mean()
                 scaler.scale(loss / accum).backward()
+            loss_check.watch(loss, epoch + 1, step)  # Run safety
             running.add(loss)
             epoch_loss.add(loss)
             if not sync:
@@ -282,7 +290,7 @@ def main(argv=None):
                 losses.append(running.pop())
                 log.info("epoch %d step %d/%d: loss %.4f lr %.3g", epoch + 1, step, total_steps,
                          losses[-1], scheduler.get_last_lr()[0])
-
+        loss_check.flush()  # Run safety: the last batch's loss, before anything is saved
         log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
                  len(batches))
         entry = evaluate("val", epoch + 1)

@@ -21,8 +21,10 @@ import torch
 from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
                        pretrained_name, rank_split, recall_table, vector_counts)
-from utils import (add_precision_args, amp_dtype, check_flag, check_positive, cleanup_runtime,
-                   cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
+from utils import (add_precision_args, amp_dtype, begin_candidates, candidates_producer,
+                   check_candidates_overwrite, check_flag, check_positive, cleanup_runtime,
+                   cli_main, die, finish_candidates, get_logger, load_checkpoint, setup_runtime,
+                   start_run, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
@@ -54,6 +56,8 @@ def parse_args(argv=None):
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
     add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace candidates of another checkpoint or other flags in --cands_dir")
     return p.parse_args(argv)
 
 
@@ -108,8 +112,11 @@ def main(argv=None):
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
+    start_run(args, "save_candidates")  # Run safety: --cands_dir writable, its lock, signals
     state = load_checkpoint(args.model)
     resolve_shape(args, retriever_args(state, args.model))
+    producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
+    check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
     rt = setup_runtime(args.gpus)
     torch.backends.cuda.matmul.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
@@ -131,6 +138,8 @@ def main(argv=None):
     model.to(device)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.num_cands]
     recalls = {}
+    if rt.is_main:
+        begin_candidates(args.cands_dir, producer)  # Run safety: incomplete until the manifest
     for split in SPLITS:
         data = encode_split(tokenizer, zeshel, split, args.max_len, pin=device.type == "cuda")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
@@ -147,6 +156,8 @@ def main(argv=None):
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
     if rt.is_main:
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
+        finish_candidates(args.cands_dir, producer, [f"candidates_{s}.json" for s in SPLITS]
+                          + ["recall.json"])  # Run safety: the manifest, last
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
     cleanup_runtime(rt)
