@@ -167,8 +167,8 @@ class Zeshel:
             if m[key] not in docs:
                 die(f"{where}: {key} {m[key]!r} is not a document of world {m['corpus']!r}")
         if m["end_index"] < m["start_index"]:
-            die(f"{where}: mention tokens {m['start_index']}..{m['end_index']} start after they end "
-                f"(end_index before start_index)")
+            die(f"{where}: mention tokens {m['start_index']}..{m['end_index']} start after they "
+                f"end (end_index before start_index)")
         key = (m["corpus"], m["context_document_id"])
         if key not in self._ntokens:
             self._ntokens[key] = len(docs[m["context_document_id"]]["text"].split())

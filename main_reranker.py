@@ -220,12 +220,12 @@ def run(args, rt):
     state = None
     if args.resume_training:
         state = load_checkpoint(paths["last"], flag="--resume_training")
-        check_resume_flags(args, state, paths["last"], "main_reranker")  # Run safety
         keys = ("args", "model", "optimizer", "scheduler", "scaler", "epoch", "step", "losses",
                 "best_score", "rng", "results")
         missing = [k for k in keys if not isinstance(state, dict) or k not in state]
         check_flag(not missing, "--resume_training",
                    f"{paths['last']} is not a reranker's training state (no {missing[:1]})")
+        check_resume_flags(args, state, paths["last"], "main_reranker")  # Run safety
         # dual, multi_vector, poly and sum_max have state dicts of one shape: compare the flags
         for flag in SHAPE_FLAGS[:1 if args.type_model == "full" else None]:
             saved, now = state.get("args", {}).get(flag), getattr(args, flag)

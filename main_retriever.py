@@ -34,11 +34,11 @@ from retriever import (PRE_MODELS, TYPE_CANDS, TYPE_MODELS, candidate_counts, ch
                        encode_split, load_retriever, mine_hard_negatives, pretrained_name,
                        rank_split, ranking_entry, training_candidates, vector_counts)
 from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optimizer,
-                   build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
-                   check_resume_flags, describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
-                   num_training_steps, optimizer_step, progress, rng_state, RunningMean,
-                   save_checkpoint, set_rng_state, set_seed, setup_runtime, start_run, unwrap,
-                   update_step, write_json, LossCheck)
+                   build_scheduler, check_flag, check_positive, check_resume_flags,
+                   cleanup_runtime, cli_main, describe_runtime, die, get_logger, grad_scaler,
+                   gradient_sync, load_checkpoint, LossCheck, num_training_steps, optimizer_step,
+                   progress, rng_state, RunningMean, save_checkpoint, set_rng_state, set_seed,
+                   setup_runtime, start_run, unwrap, update_step, write_json)
 
 
 def parse_args(argv=None):

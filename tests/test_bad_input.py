@@ -305,7 +305,8 @@ def test_check_data_reports_each_class(world, capfd):
     """`python data_loader.py --data_dir X` reports what the scripts refuse (it once called an
     empty split fine)."""
     import data_loader
-    for name, where in [("empty_split", "mentions/val.json"), ("start_float", "mentions/test.json:2"),
+    for name, where in [("empty_split", "mentions/val.json"),
+                        ("start_float", "mentions/test.json:2"),
                         ("not_utf8", "documents/frost_fjord.json:5"),
                         ("dup_mention", "mentions/val.json:4")]:
         with pytest.raises(SystemExit) as e:
