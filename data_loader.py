@@ -13,27 +13,52 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from utils import die, quiet_transformers
+from utils import die, notice, quiet_transformers
 
 MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
 MARKERS = (MENTION_START, MENTION_END, TITLE_END)
 SPLITS = ("train", "heldout_train_seen", "heldout_train_unseen", "val", "test")
-MENTION_FIELDS = ("mention_id", "context_document_id", "label_document_id", "start_index",
-                  "end_index", "text", "corpus")
-DOCUMENT_FIELDS = ("document_id", "title", "text")
+MENTION_FIELDS = {"mention_id": "id", "context_document_id": "id", "label_document_id": "id",
+                  "start_index": int, "end_index": int, "text": str, "corpus": "id"}
+DOCUMENT_FIELDS = {"document_id": "id", "title": str, "text": str}
+CANDIDATE_FIELDS = {"mention_id": "id", "candidates": list}
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading and checking
 
-def read_jsonl(path, fields, flag):
-    """Rows of a JSON-lines file; a malformed line or a missing field stops the run naming
-    file and line."""
+def _short(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_type(value, kind):
+    """Whether a JSON value is of `kind`: int (not a bool, nor 14.0), str, list, or "id" (a
+    non-empty string)."""
+    if kind == "id":
+        return isinstance(value, str) and value != ""
+    if kind is int:
+        return type(value) is int
+    return isinstance(value, kind)
+
+
+KIND_NAMES = {int: "an integer", str: "a string", list: "a list", "id": "a non-empty string"}
+
+
+def read_jsonl(path, fields, flag, key=None):
+    """Rows of a JSON-lines file. `fields`: {name: kind} (see _check_type); `key`: a field whose
+    values must be unique. A line that is not UTF-8 or not JSON, a missing field, a value of
+    another type, a repeated `key` or an empty file stops the run naming file and line."""
     if not os.path.isfile(path):
         die(f"{flag}: missing file {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    rows, seen = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                die(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -41,12 +66,22 @@ def read_jsonl(path, fields, flag):
             except json.JSONDecodeError as e:
                 die(f"{path}:{lineno}: malformed JSON ({e.msg})")
             if not isinstance(row, dict):
-                die(f"{path}:{lineno}: expected a JSON object")
+                die(f"{path}:{lineno}: expected a JSON object, not {_short(row)}")
             missing = [k for k in fields if k not in row]
             if missing:
                 die(f"{path}:{lineno}: missing field {missing[0]!r}")
+            for k, kind in fields.items():
+                if not _check_type(row[k], kind):
+                    die(f"{path}:{lineno}: {k} must be {KIND_NAMES[kind]}, not {_short(row[k])}")
+            if key is not None:
+                if row[key] in seen:
+                    die(f"{path}:{lineno}: duplicate {key} {row[key]!r} (also on line "
+                        f"{seen[row[key]]})")
+                seen[row[key]] = lineno
             row["_line"] = lineno
             rows.append(row)
+    if not rows:
+        die(f"{path}: empty file (no JSON lines)")
     return rows
 
 
@@ -108,7 +143,7 @@ class Zeshel:
         self.mentions = {}
         for split in splits:
             path = os.path.join(data_dir, "mentions", f"{split}.json")
-            self.mentions[split] = read_jsonl(path, MENTION_FIELDS, flag)
+            self.mentions[split] = read_jsonl(path, MENTION_FIELDS, flag, key="mention_id")
             for m in self.mentions[split]:
                 m["_file"] = path
         worlds = sorted({m["corpus"] for ms in self.mentions.values() for m in ms})
@@ -119,10 +154,8 @@ class Zeshel:
                 first = next(m for ms in self.mentions.values() for m in ms if m["corpus"] == world)
                 die(f"{first['_file']}:{first['_line']}: world {world!r} has no document file {path}")
             docs = OrderedDict()
-            for row in read_jsonl(path, DOCUMENT_FIELDS, flag):
-                if row["document_id"] in docs:
-                    die(f"{path}:{row['_line']}: duplicate document_id {row['document_id']!r}")
-                docs[row["document_id"]] = {"title": str(row["title"]), "text": str(row["text"])}
+            for row in read_jsonl(path, DOCUMENT_FIELDS, flag, key="document_id"):
+                docs[row["document_id"]] = {"title": row["title"], "text": row["text"]}
             self.documents[world] = docs
         self._ntokens = {}
         for ms in self.mentions.values():
@@ -136,10 +169,9 @@ class Zeshel:
         for key in ("context_document_id", "label_document_id"):
             if m[key] not in docs:
                 die(f"{where}: {key} {m[key]!r} is not a document of world {m['corpus']!r}")
-        try:
-            m["start_index"], m["end_index"] = int(m["start_index"]), int(m["end_index"])
-        except (TypeError, ValueError):
-            die(f"{where}: start_index and end_index must be integers")
+        if m["end_index"] < m["start_index"]:
+            die(f"{where}: mention tokens {m['start_index']}..{m['end_index']} start after they "
+                f"end (end_index before start_index)")
         key = (m["corpus"], m["context_document_id"])
         if key not in self._ntokens:
             self._ntokens[key] = len(docs[m["context_document_id"]]["text"].split())
@@ -160,20 +192,45 @@ class Zeshel:
         return self._entities[split]
 
 
-def read_candidates(cands_dir, split, mentions, flag="--cands_dir"):
+def read_candidates(cands_dir, split, mentions, flag="--cands_dir", documents=None, C=None,
+                    C_flag="--C"):
     """`CANDS_DIR/candidates_<split>.json` as {mention_id: [document ids, best first]}; stops when
-    the file or one of the split's mentions is missing."""
+    the file or one of the split's mentions is missing, a mention has two lines, a list repeats a
+    document or (given `documents`, {world: {document_id: ...}}) names one that is not in the
+    mention's world. Given `C`: stops when `C` (the flag `C_flag`) is more than the longest list,
+    and says how many mentions have fewer."""
     path = os.path.join(cands_dir, f"candidates_{split}.json")
-    rows = read_jsonl(path, ("mention_id", "candidates"), flag)
+    rows = read_jsonl(path, CANDIDATE_FIELDS, flag, key="mention_id")
+    worlds = {m["mention_id"]: m["corpus"] for m in mentions}
     cands = {}
     for row in rows:
-        if not isinstance(row["candidates"], list):
-            die(f"{path}:{row['_line']}: 'candidates' must be a list of document ids")
-        cands[row["mention_id"]] = [str(c) for c in row["candidates"]]
+        where, mention_id = f"{path}:{row['_line']}", row["mention_id"]
+        seen = set()
+        for c in row["candidates"]:
+            if not _check_type(c, "id"):
+                die(f"{where}: candidates must be document ids (non-empty strings), not "
+                    f"{_short(c)}")
+            if c in seen:
+                die(f"{where}: candidate {c!r} appears twice in the list of mention {mention_id}")
+            seen.add(c)
+            world = worlds.get(mention_id)
+            if documents is not None and world is not None and c not in documents[world]:
+                die(f"{where}: candidate {c!r} of mention {mention_id} is not a document of its "
+                    f"world {world!r}")
+        cands[mention_id] = row["candidates"]
     for m in mentions:
         if m["mention_id"] not in cands:
             die(f"{path}: no candidates for mention {m['mention_id']} "
                 f"({m['_file']}:{m['_line']})")
+    if C is not None:
+        lengths = [len(cands[m["mention_id"]]) for m in mentions]
+        if C > max(lengths):
+            die(f"{C_flag}: {C} candidates asked for but the lists of {path} hold at most "
+                f"{max(lengths)}")
+        short = sum(n < C for n in lengths)
+        if short:
+            notice(f"{path}: {short} of {len(lengths)} mentions have fewer than {C_flag} {C} "
+                   f"candidates (the shortest list holds {min(lengths)})")
     return cands
 
 
@@ -266,6 +323,24 @@ def load_tokenizer(name, flag="--pretrained"):
         die(f"{flag}: {model_path_hint(name)}")
     tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
     return tokenizer
+
+
+PROBE = "The house of the king is in the city and was built by the people of the north."
+
+
+def check_tokenizer_fits(tokenizer, config, name, flag="--pretrained"):
+    """Stop unless the tokenizer of `name` fits its encoder (`config`: the encoder's config): its
+    vocabulary neither much smaller than the encoder's embeddings (transformers builds an empty
+    one from a folder without tokenizer files) nor larger than them plus the marker tokens, and
+    a sentence of common words not all unknown pieces."""
+    n, size = len(tokenizer), getattr(config, "vocab_size", None)
+    if size and not size // 2 <= n <= size + len(MARKERS):
+        die(f"{flag}: the tokenizer of {name} has {n} tokens but its encoder {size} embeddings "
+            f"(no tokenizer files in the folder? another model's?)")
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        die(f"{flag}: the tokenizer of {name} reads every word of a plain English sentence as "
+            f"unknown (no tokenizer files in the folder?)")
 
 
 def _ids(tokenizer, texts, batch_size=4096):

@@ -90,7 +90,7 @@ def main(argv=None):
     run("main_retriever.py", "--model", ret, *common, *RETRIEVER, "--epochs", args.retriever_epochs,
         quiet=args.quiet)
     run("save_candidates.py", "--model", ret, *common, "--num_cands", str(K), "--cands_dir", cands,
-        quiet=args.quiet)
+        "--overwrite", quiet=args.quiet)  # the demo's own folder: replace the last demo's
     run("main_reranker.py", "--model", rr, "--data", data, "--cands_dir", cands, "--pretrained", bert,
         *RERANKER, quiet=args.quiet)
     print("\n" + table(load(ret_base + ".results.json"), load(ret + ".results.json"),

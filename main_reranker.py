@@ -34,11 +34,11 @@ import reranker
 from data_loader import Zeshel, load_tokenizer, read_candidates
 from retriever import (add_scorer_args, check_positions, check_same_model, check_scorer_args,
                        load_encoder, nce_loss, pretrained_name, PRETRAINED)
-from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
-                   add_training_args, amp_dtype, autocast, check_flag, check_positive,
-                   check_training_args, cli_main, epoch_generator, gradient_sync, optimizer_step,
-                   progress, RunningMean, set_seed, training_log, update_step, with_runtime,
-                   wrap_for_training)
+from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
+                   add_training_args, amp_dtype, autocast, check_candidates_manifest, check_flag,
+                   check_positive, check_training_args, cli_main, epoch_generator, gradient_sync,
+                   optimizer_step, progress, RunningMean, set_seed, start_run, training_log,
+                   update_step, with_runtime, wrap_for_training)
 
 SCRIPT = "main_reranker"
 
@@ -93,7 +93,9 @@ def load_split(args, zeshel, tokenizer, split, training):
     """A split's CandidateDataset (in evaluation only the mentions whose gold is among the first
     --C_eval candidates) and kept (M,) bool."""
     mentions = zeshel.mentions[split]
-    cands = read_candidates(args.cands_dir, split, mentions)
+    cands = read_candidates(args.cands_dir, split, mentions, documents=zeshel.documents,
+                            C=args.C if training else args.C_eval,
+                            C_flag="--C" if training else "--C_eval")  # Run safety
     path = os.path.join(args.cands_dir, f"candidates_{split}.json")
     rows, kept = reranker.candidate_indices(zeshel.entities(split), mentions, cands,
                                             args.C if training else args.C_eval, training, path)
@@ -154,7 +156,9 @@ def describe(entry, eval_method):
 
 @cli_main
 def main(argv=None):
-    with_runtime(parse_args(argv), train_reranker)
+    args = parse_args(argv)
+    start_run(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    with_runtime(args, train_reranker)
 
 
 def load_data_and_model(args, log):
@@ -164,6 +168,8 @@ def load_data_and_model(args, log):
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
     check_positions(encoder, args.L, "--L")
+    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
+                                               ("train", "val", "test")])
     train, _ = load_split(args, zeshel, tokenizer, "train", training=True)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}
@@ -196,6 +202,7 @@ def train_reranker(args, rt):
     train_model = wrap_for_training(model, rt)
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
     accum = args.gradient_accumulation_steps
+    loss_check = LossCheck(args)  # stops the run at a non-finite loss
 
     def validate(epoch):
         entry = evaluate(eval_model, evals["val"], args, rt, dtype, epoch)
@@ -217,10 +224,12 @@ def train_reranker(args, rt):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = nce_loss(scores)  # scores (B, C), the gold at 0
                 scaler.scale(loss / accum).backward()
+            loss_check.watch(loss, epoch + 1, run.step)
             running.add(loss)
             if update:
                 optimizer_step(model, optimizer, scheduler, scaler, args.clip)
                 run.count_step(epoch, running, scheduler)
+        loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
         if validate(epoch + 1):
             return
 

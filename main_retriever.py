@@ -28,11 +28,11 @@ from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions,
                        check_scorer_args, check_worlds_hold, encode_retriever_split,
                        epoch_negatives, load_retriever, nce_loss, pretrained_name, rank_split,
                        ranking_entry)
-from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
+from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_flag, check_positive,
                    check_training_args, cli_main, epoch_generator, gradient_sync, optimizer_step,
-                   progress, RunningMean, set_seed, training_log, unwrap, update_step, with_runtime,
-                   wrap_for_training)
+                   progress, RunningMean, set_seed, start_run, training_log, unwrap, update_step,
+                   with_runtime, wrap_for_training)
 
 SCRIPT = "main_retriever"
 
@@ -104,7 +104,9 @@ def load_data_and_model(args, log, pin):
 
 @cli_main
 def main(argv=None):
-    with_runtime(parse_args(argv), train_retriever)
+    args = parse_args(argv)
+    start_run(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    with_runtime(args, train_retriever)
 
 
 def train_retriever(args, rt):
@@ -136,6 +138,7 @@ def train_retriever(args, rt):
                                                  for w, r in entry["per_world"].items()))
         return entry, entry[key] if args.eval_criterion == "recall" else entry["accuracy"]
 
+    loss_check = LossCheck(args)  # stops the run at a non-finite loss
     for epoch in range(run.epoch, args.epochs):
         negatives = epoch_negatives(
             unwrap(model), train, args.type_cands, args.num_cands, args.cands_ratio,
@@ -162,12 +165,13 @@ def train_retriever(args, rt):
                 with autocast(device, dtype):
                     loss = nce_loss(train_model(*inputs), log_q)  # scores (b, 1 + C), gold first
                 scaler.scale(loss / accum).backward()
+            loss_check.watch(loss, epoch + 1, run.step)
             running.add(loss)
             epoch_loss.add(loss)
             if update:
                 optimizer_step(model, optimizer, scheduler, scaler, args.clip)
                 run.count_step(epoch, running, scheduler)
-
+        loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
         log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
                  len(batches))
         entry, score = evaluate("val", epoch + 1)

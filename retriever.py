@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_loader import encode_entities, encode_mentions, load_tokenizer, model_path_hint
+from data_loader import (check_tokenizer_fits, encode_entities, encode_mentions, load_tokenizer,
+                         model_path_hint)
 from utils import autocast, check_flag, check_positive, die, progress, quiet_transformers
 
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
@@ -285,6 +286,7 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
             model = AutoModel.from_pretrained(name)
         except Exception:
             die(f"{flag}: {model_path_hint(name)}")
+    check_tokenizer_fits(tokenizer, model.config, name, flag)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model

@@ -21,8 +21,10 @@ from retriever import (PRETRAINED, TYPE_MODELS, add_scorer_args, check_same_mode
                        check_worlds_hold, encode_retriever_split, load_retriever, pretrained_name,
                        rank_split, recall_ks, recall_table)
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, add_precision_args,
-                   amp_dtype, check_flag, check_positive, cli_main, get_logger, load_run_checkpoint,
-                   load_weights, log_args, with_runtime, write_json, write_jsonl)
+                   amp_dtype, begin_candidates, candidates_producer, check_candidates_overwrite,
+                   check_flag, check_positive, cli_main, finish_candidates, get_logger,
+                   load_run_checkpoint, load_weights, log_args, start_run, with_runtime,
+                   write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 # Read from the checkpoint when not given
@@ -49,6 +51,8 @@ def parse_args(argv=None):
     add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_compatibility_args(p, "store_en_hiddens", "en_hidden_path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace candidates of another checkpoint or other flags in --cands_dir")
     return p.parse_args(argv)
 
 
@@ -88,12 +92,15 @@ def main(argv=None):
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
+    start_run(args, "save_candidates")  # Run safety: --cands_dir writable, its lock, signals
     state = load_run_checkpoint(args.model, "main_retriever")
     resolve_shape(args, state["args"])
-    with_runtime(args, lambda args, rt: save_candidates(args, rt, state["model"]))
+    producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
+    check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
+    with_runtime(args, lambda args, rt: save_candidates(args, rt, state["model"], producer))
 
 
-def save_candidates(args, rt, weights):
+def save_candidates(args, rt, weights, producer):
     log = get_logger(args.model, rt.is_main)
     log_args(args, log)
     quiet = args.quiet or not rt.is_main
@@ -107,6 +114,8 @@ def save_candidates(args, rt, weights):
     load_weights(model, weights, args.model, "--model")
     model.to(device)
     ks, recalls = recall_ks(args.num_cands), {}
+    if rt.is_main:
+        begin_candidates(args.cands_dir, producer)  # Run safety: incomplete until the manifest
     for split in SPLITS:
         data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
                                       pin=device.type == "cuda")
@@ -124,6 +133,8 @@ def save_candidates(args, rt, weights):
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
     if rt.is_main:
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
+        finish_candidates(args.cands_dir, producer, [f"candidates_{s}.json" for s in SPLITS]
+                          + ["recall.json"])  # Run safety: the manifest, last
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
 

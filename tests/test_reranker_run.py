@@ -181,10 +181,10 @@ def test_user_errors(toy, cands, tmp_path, capsys):
     with open(os.path.join(cands, "candidates_train.json")) as f:
         lines = f.readlines()
     (partial / "candidates_train.json").write_text("".join(lines))
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial],
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
                "--cands_dir", str(partial / "candidates_val.json"))
 
     (partial / "candidates_train.json").write_text("".join(lines[:5] + lines[6:]))
     missing = json.loads(lines[5])["mention_id"]
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial],
+    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
                str(partial / "candidates_train.json"), missing)
