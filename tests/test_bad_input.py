@@ -320,14 +320,16 @@ def test_check_data_reports_each_class(world, capfd):
 
 def test_rerun_of_the_same_run_and_overwrite_are_allowed(world, tmp_path, capfd):
     """What check_overwrite lets through: a rerun with the same flags (but those that may differ),
-    and --overwrite over another script's checkpoint."""
+    and --overwrite over another script's checkpoint. Untrained runs (--epochs 0), for speed."""
     out = tmp_path / "out"
-    put(out, {"m.pt": "{ckpt}", "m.pt.last": "{ckpt}.last",
-              "m.pt.results.json": "{ckpt}.results.json"}, world)
     paths = {**world, "out": str(out)}
-    code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
-        {**BASE["R"], "--eval_batchsize": 64, "--logging_steps": 5}, paths), capfd)
-    assert code == 0, lines
+    for extra in ({}, {"--eval_batchsize": 64, "--logging_steps": 5, "--quiet": False}):
+        code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
+            {**BASE["R"], "--epochs": 0, **extra}, paths), capfd)
+        assert code == 0, lines
+    code, lines, _ = run_in_process(SCRIPTS["K"], flags_argv(
+        {**BASE["K"], "--epochs": 0}, paths), capfd)
+    assert code == 2 and "main_retriever.py" in lines[0], lines
     code, lines, _ = run_in_process(SCRIPTS["K"], flags_argv(
         {**BASE["K"], "--epochs": 0, "--overwrite": True}, paths), capfd)
     assert code == 0, lines
