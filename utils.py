@@ -138,11 +138,13 @@ def add_compatibility_args(parser, *names):
         kwargs, why = COMPATIBILITY_FLAGS[name]
         parser.add_argument(f"--{name}", default=None, **kwargs,
                             help=f"accepted for the original's command lines, no effect: {why}")
+    parser.set_defaults(ignored_flags=list(names))  # which of them this script ignores
 
 
 def compatibility_notice(args, log):
     """One log line naming the compatibility flags given, if any, and why they do nothing."""
-    given = [name for name in COMPATIBILITY_FLAGS if getattr(args, name, None) is not None]
+    given = [name for name in getattr(args, "ignored_flags", [])
+             if getattr(args, name, None) is not None]
     if given:
         log.info("notice: %s accepted for the original's command line and ignored (%s)",
                  ", ".join(f"--{name}" for name in given),
@@ -152,7 +154,8 @@ def compatibility_notice(args, log):
 def recorded_args(args):
     """The arguments as a run's log and checkpoints record them: without the compatibility
     flags, which do nothing."""
-    return {k: v for k, v in vars(args).items() if k not in COMPATIBILITY_FLAGS}
+    ignored = set(getattr(args, "ignored_flags", [])) | {"ignored_flags"}
+    return {k: v for k, v in vars(args).items() if k not in ignored}
 
 
 def log_args(args, log):
@@ -592,8 +595,9 @@ def load_run_checkpoint(path, script, flag="--model", training_state=False):
     """The checkpoint at `path`, written by `script`; stop with one line naming `flag` when it is
     missing, unreadable, another script's, or lacks an entry."""
     state = load_checkpoint(path, flag=flag)
-    check_flag(isinstance(state, dict) and state.get("script") == script, flag,
-               f"{path} is not a checkpoint written by {script}.py")
+    writer = checkpoint_script(state)  # also for checkpoints written before the "script" entry
+    check_flag(writer == script, flag, f"{path} was written by "
+               f"{writer + '.py' if writer else 'another program'}, not by {script}.py")
     keys, what = ((TRAINING_STATE_KEYS, "training state") if training_state
                   else (CHECKPOINT_KEYS, "checkpoint"))
     missing = [k for k in keys if k not in state]
@@ -724,7 +728,8 @@ MAY_DIFFER = frozenset({
     "quiet", "gpus", "resume_training", "overwrite", "stop_after_epoch",
     "fp16", "bf16", "fp32", "fp16_opt_level",                     # precision (resumable)
     "eval_batchsize", "mention_bsz", "entity_bsz", "num_workers",  # batching of encoding
-    "logging_steps", "store_en_hiddens", "en_hidden_path"})        # logging, ignored flags
+    "logging_steps", "store_en_hiddens", "en_hidden_path",         # logging, ignored flags
+    "num_hards", "ignored_flags"})
 # Paths that may move between a run and its resumption (same files, another place): a notice.
 MAY_MOVE = frozenset({"model", "data_dir", "data", "cands_dir", "pretrained"})
 

@@ -98,6 +98,12 @@ def test_compatibility_flags_do_nothing_and_say_so(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("notice: --num_hards, --store_en_hiddens, "
                                                    "--en_hidden_path accepted"), lines
+    # the reranker's --num_workers acts (its DataLoader's workers): recorded, no notice
+    rr = main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
+                                   "--num_workers", "2"])
+    assert recorded_args(rr)["num_workers"] == 2
+    compatibility_notice(rr, log)
+    assert capsys.readouterr().out == ""
     assert "--fp16_opt_level" not in lines[0]
     assert main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
                                      "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
