@@ -318,10 +318,11 @@ def get_logger(model_path=None, is_main=True, name="hard-nce-el"):
 
 
 def progress(iterable=None, desc=None, total=None, disable=False, **kw):
-    """A tqdm bar on stderr; `disable` (from `--quiet` or a non-main process) silences it."""
+    """A tqdm bar on stderr; `disable` (from `--quiet` or a non-main process) silences it, and so
+    does a stderr that is not a terminal (a log file gets no carriage-return redraws)."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
-                leave=False, **kw)
+    return tqdm(iterable, desc=desc, total=total, disable=True if disable else None,
+                dynamic_ncols=True, leave=False, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
