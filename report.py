@@ -147,8 +147,10 @@ def linking_rows(runs):
         per = test.get("per_world", {})
         out.append([name, obj.get("eval_method"), fmt((val or {}).get("acc_unorm")),
                     fmt((val or {}).get("acc_norm")),
-                    fmt(test.get("macro", {}).get("acc_unorm")), fmt(test.get("macro", {}).get("acc_norm")),
-                    fmt(test.get("micro", {}).get("acc_unorm")), fmt(test.get("micro", {}).get("acc_norm"))]
+                    fmt(test.get("macro", {}).get("acc_unorm")),
+                    fmt(test.get("macro", {}).get("acc_norm")),
+                    fmt(test.get("micro", {}).get("acc_unorm")),
+                    fmt(test.get("micro", {}).get("acc_norm"))]
                    + [fmt(per.get(w, {}).get("acc_unorm")) for w in worlds])
     return header, out
 
@@ -169,7 +171,8 @@ def candidate_rows(runs):
         for split in ("train", "val", "test"):
             if split in obj:
                 macro, micro = obj[split].get("macro", {}), obj[split].get("micro", {})
-                out.append([name, split] + [f"{fmt(macro.get(k))} ({fmt(micro.get(k))})" for k in ks])
+                out.append([name, split]
+                           + [f"{fmt(macro.get(k))} ({fmt(micro.get(k))})" for k in ks])
     return header, out
 
 
@@ -366,7 +369,8 @@ def plot(groups, folder):
         val = obj.get("val") or []
         axes[1].plot([e["epoch"] for e in val], [e.get("acc_unorm") for e in val], marker="o",
                      label=name)
-    for ax, title in zip(axes, ("retrievers: val recall@k", "rerankers: val unnormalized accuracy")):
+    titles = ("retrievers: val recall@k", "rerankers: val unnormalized accuracy")
+    for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="epoch", ylabel="%")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -410,7 +414,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="results files, recall.json files, or folders")
     parser.add_argument("--paper", action="store_true",
-                        help="the paper's tables: each cell this project's value beside the paper's")
+                        help="the paper's tables: this project's values beside the paper's")
     parser.add_argument("--plot", metavar="DIR",
                         help="also write PNG figures (val per epoch, training loss, per world)")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Run the paper's experiments as named recipes, one run after another, then print the tables.
 
-    python sweep.py paper --data_dir ZESHEL --out runs/paper            # retriever, candidates, reranker
-    python sweep.py appendix --data_dir ZESHEL --out runs/appendix      # 3 scorers x 5 shares of hard negatives
-    python sweep.py appendix ... --dry_run                              # print the command lines only
-    python sweep.py appendix ... --only dual_p0 sum_max_p50 -- --fp16   # some runs; flags for every run
+    python sweep.py paper --data_dir ZESHEL --out runs/paper        # the three steps
+    python sweep.py appendix --data_dir ZESHEL --out runs/appendix  # 3 scorers x 5 shares of hard
+    python sweep.py appendix ... --dry_run                          # print the command lines only
+    python sweep.py appendix ... --only dual_p0 sum_max_p50 -- --fp16   # some runs; extra flags
 
 Each recipe expands into command lines of `main_retriever.py`, `save_candidates.py` and
 `main_reranker.py` with the values of the paper (the README's command lines); `--data_dir`,
@@ -127,7 +127,8 @@ def split_flags(tokens):
     groups = []
     for token in tokens:
         if token.startswith("--") or not groups:
-            check_flag(token.startswith("--"), token, "extra arguments must be flags (--name value)")
+            check_flag(token.startswith("--"), token,
+                       "extra arguments must be flags (--name value)")
             groups.append([token.split("=", 1)[0]] + token.split("=", 1)[1:])
         else:
             groups[-1].append(token)

@@ -84,7 +84,7 @@ def test_paper_tables_put_each_run_beside_the_paper(tmp_path, capsys):
     assert "| 94.66 | 94.00 | -0.66 |" in val_main
     dual = next(line for line in lines if line.startswith("| dual |"))
     cells = dual.split(" | ")
-    assert cells[1:5] == ["– / 91.08 (–)", "– / 92.18 (–)", "– / 91.75 (–)", "– / 92.24 (–)"]
+    assert cells[1:5] == [f"– / {p:.2f} (–)" for p in (91.08, 92.18, 91.75, 92.24)]
     assert cells[5] == "92.50 / 92.05 (+0.45) |"
     multi = next(line for line in lines if line.startswith("| multi-vector (8) |"))
     assert multi.split(" | ")[1] == "90.00 [1] / 91.13 (–)"  # another k: no difference

@@ -109,18 +109,18 @@ def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(toy, tmp_path, c
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per run on a shared machine
     out = tmp_path / "sweep"
-    last = out / "dual_p100.pt.last"
+    saved = out / "dual_p100.pt.results.json"  # written after the epoch's checkpoint and .last
     # First pass: dual_p0 finishes; dual_p100 is killed (the whole sweep, as a lost machine or a
     # Ctrl-C would) as soon as its first epoch is saved.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"),
                              *sweep_argv(toy, out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while not saved.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     first = proc.communicate()[0].decode()
-    assert last.exists(), first[-3000:]
+    assert saved.exists() and (out / "dual_p100.pt.last").exists(), first[-3000:]
     assert results(out / "dual_p0.pt.results.json")["test"] is not None
     interrupted = results(out / "dual_p100.pt.results.json")
     assert interrupted["test"] is None, "the run finished before it could be interrupted"
