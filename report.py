@@ -1,10 +1,20 @@
 """Tables like the paper's, in Markdown, from the files the runs write.
 
     python report.py RUN_OR_FOLDER [...]          # results files and folders, searched recursively
+    python report.py runs/ --paper                # the paper's tables, this project's runs beside
+    python report.py runs/ --plot runs/figures    # PNG figures (needs matplotlib)
 
 Reads `<model>.results.json` of `main_retriever.py` (retrieval recall@k) and of
 `main_reranker.py` (linking accuracy), and the `recall.json` of `save_candidates.py`, and prints
-one table per kind, one row per run, so a sweep over flags compares without code.
+one table per kind, one row per run, so a sweep over flags compares without code. A run's val
+numbers are those of the epoch it kept: the epoch its test entry reports, or, for a run that has
+not reached test, the best by its `--eval_criterion`.
+
+`--paper` places each run in the paper's tables by the arguments in its checkpoint (`<model>`,
+else `<model>.last`; only the "args" entry is read): the main table's test recall@64 (sum-of-max,
+mixed negatives, p = 50%), the appendix's val recall@64 by scorer and share p of hard negatives,
+and the linking accuracy beside BLINK's cross-encoder. `--plot DIR` draws val per epoch, the
+training loss per logging step (from `<model>.last`) and test per world.
 """
 import argparse
 import glob
