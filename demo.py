@@ -133,6 +133,22 @@ def comparison_table(runs):
     return "\n".join(lines), means
 
 
+def compare_negatives(out, seeds):
+    """Random-only against mixed negatives on the harder world, for seeds 1..seeds:
+    {"random" | "mixed": [results of each seed]}."""
+    hard_data, hard_bert = make_toy_world(os.path.join(out, "hard"), shared=36)
+    runs = {name: [] for name in NEGATIVES}
+    for seed in range(1, seeds + 1):  # the two arms of a seed side by side, a core each
+        models = {name: os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES}
+        fresh(*models.values())
+        wait(*[start("main_retriever.py", "--model", models[name], "--data_dir", hard_data,
+                     "--pretrained", hard_bert, *COMPARE, "--cands_ratio", ratio, "--seed",
+                     str(seed), alone=False) for name, ratio in NEGATIVES.items()])
+        for name in NEGATIVES:
+            runs[name].append(load(models[name] + ".results.json"))
+    return runs
+
+
 @cli_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -145,7 +161,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 1:
         die(f"--seeds: must be 1 or more (got {args.seeds})")
-    start = time.time()
+    began = time.time()
     out = os.path.abspath(args.out)
     data, tiny = make_toy_world(os.path.join(out, "toy"))
     encoder = args.pretrained or pretrained_encoder()
@@ -168,23 +184,18 @@ def main(argv=None):
     run("main_reranker.py", "--model", rr, "--data", data, "--cands_dir", cands,
         "--pretrained", encoder, *RERANKER, "--lr", rr_lr, "--epochs", rr_epochs,
         quiet=args.quiet)
-    pipeline_wall = time.time() - start
+    pipeline_wall = time.time() - began
 
-    hard_data, hard_bert = make_toy_world(os.path.join(out, "hard"), shared=36)
-    runs = {name: [] for name in NEGATIVES}
-    for seed in range(1, args.seeds + 1):  # the two arms of a seed side by side, a core each
-        models = {name: os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES}
-        fresh(*models.values())
-        wait(*[start("main_retriever.py", "--model", models[name], "--data_dir", hard_data,
-                     "--pretrained", hard_bert, *COMPARE, "--cands_ratio", ratio, "--seed",
-                     str(seed), alone=False) for name, ratio in NEGATIVES.items()])
-        for name in NEGATIVES:
-            runs[name].append(load(models[name] + ".results.json"))
+    runs = compare_negatives(out, args.seeds)
+    report(out, encoder, zero, ret, rr, runs, args.seeds, began, pipeline_wall)
 
+
+def report(out, encoder, zero, ret, rr, runs, seeds, began, pipeline_wall):
+    """Print the two tables and the closing note; write OUT/summary.json."""
     table, macro = pipeline_table(load(zero + ".results.json"), load(ret + ".results.json"),
                                   load(rr + ".results.json"))
     compared, means = comparison_table(runs)
-    wall = time.time() - start
+    wall = time.time() - began
     summary = {"encoder": encoder, f"retriever_recall@{K}_zero_shot": macro[1],
                f"retriever_recall@{K}": macro[2], "retriever_top1_zero_shot": macro[3],
                "retriever_top1": macro[4], "reranker_acc_unorm": macro[5],
@@ -193,7 +204,7 @@ def main(argv=None):
                "mixed_negatives_recall@1": means["mixed"]["recall@1"],
                "random_negatives_recall@2": means["random"]["recall@2"],
                "mixed_negatives_recall@2": means["mixed"]["recall@2"],
-               "comparison": {"seeds": args.seeds, **means}, "pipeline_seconds": pipeline_wall,
+               "comparison": {"seeds": seeds, **means}, "pipeline_seconds": pipeline_wall,
                "wall_seconds": wall}
     write_json(summary, os.path.join(out, "summary.json"))
     print(f"\n### The pipeline (test, %)\n\n{table}\n\nR@{K}: the gold among the top {K} of its "
@@ -204,7 +215,7 @@ def main(argv=None):
           f"mentions (chance 1.39%); training raises its recall@{K} from {macro[1]:.2f} to "
           f"{macro[2]:.2f} and its top-1 to {macro[4]:.2f}; the reranker links {macro[5]:.2f}%, "
           f"{better} the retriever's top-1.")
-    print(f"\n### Random against mixed hard negatives (test, %, mean of {args.seeds} seeds)\n\n"
+    print(f"\n### Random against mixed hard negatives (test, %, mean of {seeds} seeds)\n\n"
           f"{compared}\n\nA harder world (every name belongs to two entities of its world, so only "
           f"the context tells them apart) and a small retriever trained from scratch; the 4 "
           f"negatives per mention are all random, or 2 random and the 2 highest-scoring wrong "
