@@ -1,18 +1,27 @@
 """Tables like the paper's, in Markdown, from the files the runs write.
 
     python report.py RUN_OR_FOLDER [...]          # results files and folders, searched recursively
+    python report.py runs/ --paper                # the paper's tables, this project's runs beside
+    python report.py runs/ --plot runs/figures    # PNG figures (needs matplotlib)
 
 Reads `<model>.results.json` of `main_retriever.py` (retrieval recall@k) and of
 `main_reranker.py` (linking accuracy), and the `recall.json` of `save_candidates.py`, and prints
-one table per kind, one row per run, so a sweep over flags compares without code.
+one table per kind, one row per run, so a sweep over flags compares without code. A run's val
+numbers are those of the epoch it kept: the epoch its test entry reports, or, for a run that has
+not reached test, the best by its `--eval_criterion`.
+
+`--paper` places each run in the paper's tables by the arguments in its checkpoint (`<model>`,
+else `<model>.last`; only the "args" entry is read): the main table's test recall@64 (sum-of-max,
+mixed negatives, p = 50%), the appendix's val recall@64 by scorer and share p of hard negatives,
+and the linking accuracy beside BLINK's cross-encoder. `--plot DIR` draws val per epoch, the
+training loss per logging step (from `<model>.last`) and test per world.
 """
-import argparse
 import glob
 import json
 import os
 import sys
 
-from utils import cli_main, die
+from utils import ArgumentParser, cli_main, die
 
 
 def find_files(paths):
@@ -66,19 +75,59 @@ def run_name(path):
     return f"{folder}/{name}" if folder else name
 
 
-def _best(entries, key):
+def run_args(path, obj):
+    """The arguments of the run that wrote the results file `path`: results["args"] when the file
+    holds them, else the "args" of its checkpoint (`<model>`, else `<model>.last`, read lazily with
+    mmap: the weights are not loaded), else None."""
+    if isinstance(obj.get("args"), dict):
+        return obj["args"]
+    if path not in _ARGS:
+        _ARGS[path] = None
+        model = path[:-len(".results.json")] if path.endswith(".results.json") else None
+        for ckpt in ([model, model + ".last"] if model else []):
+            if os.path.isfile(ckpt):
+                import torch
+                try:
+                    state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+                except Exception:  # a foreign or truncated file: the run stays unidentified
+                    continue
+                if isinstance(state, dict) and isinstance(state.get("args"), dict):
+                    _ARGS[path] = state["args"]
+                    break
+    return _ARGS[path]
+
+
+_ARGS = {}
+
+
+def best_val(obj, key, criterion=None):
+    """The val entry of the epoch the run kept: the one whose epoch the test entry reports (the
+    checkpoint the run tested), or, before the run reached test, the best by `criterion`
+    ("accuracy" or a recall/accuracy key; default `key`)."""
+    entries = obj.get("val")
     if not isinstance(entries, list) or not entries:
         return None
-    return max(entries, key=lambda e: e.get(key, float("-inf")))
+    epoch = (obj.get("test") or {}).get("epoch")
+    kept = [e for e in entries if epoch is not None and e.get("epoch") == epoch]
+    if kept:
+        return kept[-1]
+    by = criterion or key
+    return max(entries, key=lambda e: e.get(by, float("-inf")))
+
+
+def retrieval_criterion(path, obj):
+    """The val key the retriever run chose its best epoch by (--eval_criterion)."""
+    criterion = obj.get("eval_criterion") or (run_args(path, obj) or {}).get("eval_criterion")
+    return "accuracy" if criterion == "accuracy" else f"recall@{obj['k']}"
 
 
 def retrieval_rows(runs):
     """One row per retriever run: best val and test recall@k (pooled, as the original), their
     per-world macro averages, and test accuracy."""
     rows, worlds = [], []
-    for name, obj in runs:
+    for name, path, obj in runs:
         key = f"recall@{obj['k']}"
-        val, test = _best(obj.get("val"), key), obj.get("test")
+        val, test = best_val(obj, key, retrieval_criterion(path, obj)), obj.get("test")
         per = (test or {}).get("per_world", {})
         worlds += [w for w in per if w not in worlds]
         rows.append((name, key, val, test, per))
@@ -97,18 +146,20 @@ def linking_rows(runs):
     """One row per reranker run: val (best epoch) and test unnormalized / normalized accuracy,
     macro and micro, and per-world test unnormalized accuracy."""
     worlds = []
-    for _, obj in runs:
+    for _, _, obj in runs:
         worlds += [w for w in (obj.get("test") or {}).get("per_world", {}) if w not in worlds]
     header = ["run", "eval", "val U.Acc", "val N.Acc", "test U.Acc (macro)", "test N.Acc (macro)",
               "test U.Acc (micro)", "test N.Acc (micro)"] + [f"test {w} U.Acc" for w in worlds]
     out = []
-    for name, obj in runs:
-        val, test = _best(obj.get("val"), "acc_unorm"), obj.get("test") or {}
+    for name, _, obj in runs:
+        val, test = best_val(obj, "acc_unorm"), obj.get("test") or {}
         per = test.get("per_world", {})
         out.append([name, obj.get("eval_method"), fmt((val or {}).get("acc_unorm")),
                     fmt((val or {}).get("acc_norm")),
-                    fmt(test.get("macro", {}).get("acc_unorm")), fmt(test.get("macro", {}).get("acc_norm")),
-                    fmt(test.get("micro", {}).get("acc_unorm")), fmt(test.get("micro", {}).get("acc_norm"))]
+                    fmt(test.get("macro", {}).get("acc_unorm")),
+                    fmt(test.get("macro", {}).get("acc_norm")),
+                    fmt(test.get("micro", {}).get("acc_unorm")),
+                    fmt(test.get("micro", {}).get("acc_norm"))]
                    + [fmt(per.get(w, {}).get("acc_unorm")) for w in worlds])
     return header, out
 
@@ -117,7 +168,7 @@ def candidate_rows(runs):
     """One row per (candidates run, split): recall@k of the dumped candidates, macro over worlds
     (micro in brackets)."""
     ks = []
-    for _, obj in runs:
+    for _, _, obj in runs:
         for split in ("train", "val", "test"):
             for key in (obj.get(split, {}).get("macro") or {}):
                 if key not in ks:
@@ -125,37 +176,284 @@ def candidate_rows(runs):
     ks.sort(key=lambda s: int(s.split("@")[1]))
     header = ["candidates", "split"] + [f"{k} macro (micro)" for k in ks]
     out = []
-    for name, obj in runs:
+    for name, _, obj in runs:
         for split in ("train", "val", "test"):
             if split in obj:
                 macro, micro = obj[split].get("macro", {}), obj[split].get("micro", {})
-                out.append([name, split] + [f"{fmt(macro.get(k))} ({fmt(micro.get(k))})" for k in ks])
+                out.append([name, split]
+                           + [f"{fmt(macro.get(k))} ({fmt(micro.get(k))})" for k in ks])
     return header, out
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's tables: this project's runs beside the published numbers
+
+PAPER_TEST_RECALL = 89.62  # sum-of-max, mixed negatives (p = 50%): Zeshel test recall@64
+HARD_SHARES = (0, 25, 50, 75, 100)  # p: share of hard negatives among --num_cands, %
+PAPER_VAL_RECALL = {  # the appendix: val recall@64 by scorer and p
+    "dual": (91.08, 92.18, 91.75, 92.24, 92.05),
+    "multi_vector": (91.13, 92.74, 92.76, 93.41, 93.27),
+    "sum_max": (92.51, 94.13, 94.66, 94.37, 94.54)}
+SCORER_NAMES = {"dual": "dual", "multi_vector": "multi-vector (8)", "sum_max": "sum-of-max"}
+PAPER_SETTING = {"dual": {}, "multi_vector": {"num_entity_vecs": 8},  # vectors of the paper's runs
+                 "sum_max": {"num_mention_vecs": 128, "num_entity_vecs": 128}}
+PEER_RECALL = [("BLINK bi-encoder", 82.06), ("MuVER", 89.69)]
+PEER_ACCURACY = {"base": 61.34, "large": 63.03}  # BLINK cross-encoder, unnormalized macro
+
+
+def hard_share(args):
+    """p (percent of hard negatives) of a retriever run's arguments; None outside the sweep."""
+    if args.get("type_cands") == "random_negative":
+        return 0
+    if args.get("type_cands") == "mixed_negative" and args.get("cands_ratio") is not None:
+        return round(100 * (1 - float(args["cands_ratio"])))
+    return None
+
+
+def diff(ours, paper):
+    return "–" if ours is None or paper is None else f"{ours - paper:+.2f}"
+
+
+class Cell:
+    """The runs that fill one cell of a paper table: their mean value, and what differs from the
+    paper's setting (listed under the table)."""
+
+    def __init__(self):
+        self.values, self.names, self.notes, self.comparable = [], [], [], True
+
+    def add(self, name, value, notes, comparable=True):
+        if value is not None:
+            self.values.append(value)
+            self.names.append(name)
+            self.notes += [n for n in notes if n not in self.notes]
+            self.comparable = self.comparable and comparable
+
+    def value(self):
+        return sum(self.values) / len(self.values) if self.values else None
+
+    def diff(self, paper):
+        """this project - paper, "–" when missing or another metric (e.g. recall@8)."""
+        return diff(self.value(), paper) if self.comparable else "–"
+
+    def text(self, marks):
+        if not self.values:
+            return "–"
+        mark = ""
+        if self.notes or len(self.values) > 1:
+            marks.append(f"{', '.join(self.names)}" + (f": {'; '.join(self.notes)}"
+                                                       if self.notes else "")
+                         + (f" (mean of {len(self.values)} runs)" if len(self.values) > 1 else ""))
+            mark = f" [{len(marks)}]"
+        return f"{self.value():.2f}{mark}"
+
+
+def retriever_notes(obj, args):
+    """How a retriever run's setting differs from the paper's (k, vector counts)."""
+    notes = [] if obj["k"] == 64 else [f"recall@{obj['k']}, not @64"]
+    for flag, value in PAPER_SETTING.get(args.get("type_model"), {}).items():
+        if args.get(flag) != value:
+            notes.append(f"--{flag} {args.get(flag)}, not {value}")
+    return notes
+
+
+def paper_tables(groups):
+    """The paper's three tables (Markdown) from the runs of `groups` (see main)."""
+    main_test, main_val = Cell(), Cell()
+    grid = {(s, p): Cell() for s in PAPER_VAL_RECALL for p in HARD_SHARES}
+    linking = {size: Cell() for size in PEER_ACCURACY}
+    unplaced = []
+    for name, path, obj in groups["retrieval"]:
+        args = run_args(path, obj)
+        p = hard_share(args or {})
+        if args is None or p not in HARD_SHARES or args.get("type_model") not in PAPER_VAL_RECALL:
+            unplaced.append(name)
+            continue
+        key = f"recall@{obj['k']}"
+        notes = retriever_notes(obj, args)
+        val = best_val(obj, key, retrieval_criterion(path, obj))
+        same_metric = obj["k"] == 64
+        grid[args["type_model"], p].add(name, (val or {}).get(key), notes, same_metric)
+        if args["type_model"] == "sum_max" and p == 50:
+            main_test.add(name, (obj.get("test") or {}).get(key), notes, same_metric)
+            main_val.add(name, (val or {}).get(key), notes, same_metric)
+    for name, path, obj in groups["linking"]:
+        args = run_args(path, obj)
+        if args is None or args.get("type_model") != "full" or args.get("type_bert") not in linking:
+            unplaced.append(name)
+            continue
+        notes = [f"encoder {args['pretrained']}"] if args.get("pretrained") else []
+        test = (obj.get("test") or {}).get("macro") or {}
+        linking[args["type_bert"]].add(name, test.get("acc_unorm"), notes)
+
+    blocks, marks = [], []
+    rows = [["sum-of-max retriever, mixed negatives (p = 50%): test recall@64", "89.62",
+             main_test.text(marks), main_test.diff(PAPER_TEST_RECALL)],
+            ["the same, val recall@64 (kept epoch)", f"{PAPER_VAL_RECALL['sum_max'][2]:.2f}",
+             main_val.text(marks), main_val.diff(PAPER_VAL_RECALL["sum_max"][2])]]
+    rows += [[f"{peer} (peer): test recall@64", f"{v:.2f}", "", ""] for peer, v in PEER_RECALL]
+    blocks.append(section("Main table: retrieval on Zeshel test (%)",
+                          ["", "paper", "this project", "difference"], rows, marks))
+
+    marks = []
+    rows = []
+    for scorer, paper in PAPER_VAL_RECALL.items():
+        row = [SCORER_NAMES[scorer]]
+        for p, ref in zip(HARD_SHARES, paper):
+            cell = grid[scorer, p]
+            row.append(f"{cell.text(marks)} / {ref:.2f} ({cell.diff(ref)})")
+        rows.append(row)
+    blocks.append(section("Appendix: val recall@64 by share p of hard negatives "
+                          "(this project / paper (difference), %)",
+                          ["model"] + [f"p = {p}%" for p in HARD_SHARES], rows, marks))
+
+    marks = []
+    rows = [[f"cross-encoder, bert-{size}: test unnormalized accuracy (macro)",
+             f"{ref:.2f} (BLINK cross-encoder)", linking[size].text(marks),
+             linking[size].diff(ref)] for size, ref in PEER_ACCURACY.items()]
+    blocks.append(section("Linking accuracy on Zeshel test (%)",
+                          ["reranker", "reference", "this project", "difference"], rows, marks))
+    if unplaced:
+        blocks.append("Runs outside the paper's tables: " + ", ".join(unplaced))
+    return "\n\n".join(blocks)
+
+
+def section(title, header, rows, marks):
+    notes = "".join(f"\n[{i}] {m}" for i, m in enumerate(marks, 1))
+    return f"### {title}\n\n{table(header, rows)}" + (f"\n{notes}" if notes else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+def training_losses(path, obj):
+    """The mean training loss of every --logging_steps optimizer steps: results["losses"] when the
+    results file holds them, else the "losses" of `<model>.last` (None when neither has them)."""
+    if isinstance(obj.get("losses"), list):
+        return obj["losses"]
+    last = path[:-len(".results.json")] + ".last" if path.endswith(".results.json") else None
+    if last and os.path.isfile(last):
+        import torch
+        try:
+            state = torch.load(last, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # a foreign or truncated file: no curve for this run
+            return None
+        losses = state.get("losses") if isinstance(state, dict) else None
+        return [float(x) for x in losses] if isinstance(losses, list) else None
+    return None
+
+
+def pyplot():
+    """matplotlib.pyplot (file output only), or a one-line error when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        die("--plot needs matplotlib (pip install matplotlib); the tables need nothing more")
+    return plt
+
+
+def plot(groups, folder):
+    """PNG figures in `folder`: val metric per epoch, training loss per logging step, and test
+    accuracy per world, one line (or bar group) per run. Returns the paths written."""
+    plt = pyplot()
+    os.makedirs(folder, exist_ok=True)
+    runs = groups["retrieval"] + groups["linking"]
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(folder, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, _, obj in groups["retrieval"]:
+        key = f"recall@{obj['k']}"
+        val = obj.get("val") or []
+        axes[0].plot([e["epoch"] for e in val], [e.get(key) for e in val], marker="o",
+                     label=f"{name} ({key})")
+    for name, _, obj in groups["linking"]:
+        val = obj.get("val") or []
+        axes[1].plot([e["epoch"] for e in val], [e.get("acc_unorm") for e in val], marker="o",
+                     label=name)
+    titles = ("retrievers: val recall@k", "rerankers: val unnormalized accuracy")
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="epoch", ylabel="%")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    save(fig, "val_per_epoch.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, path, obj in runs:
+        losses = training_losses(path, obj)
+        if losses:
+            ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.set(title="training loss (mean over each --logging_steps steps)", xlabel="logging step",
+           ylabel="loss")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    save(fig, "training_loss.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, group, title in ((axes[0], groups["retrieval"], "retrievers: test recall@k per world"),
+                             (axes[1], groups["linking"],
+                              "rerankers: test unnormalized accuracy per world")):
+        worlds = []
+        for _, _, obj in group:
+            worlds += [w for w in (obj.get("test") or {}).get("per_world", {}) if w not in worlds]
+        width = 0.8 / max(1, len(group))
+        for i, (name, _, obj) in enumerate(group):
+            per = (obj.get("test") or {}).get("per_world", {})
+            metric = f"recall@{obj['k']}" if "k" in obj else "acc_unorm"
+            ax.bar([j + i * width for j in range(len(worlds))],
+                   [per.get(w, {}).get(metric) or 0 for w in worlds], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], worlds, rotation=30,
+                      ha="right", fontsize=7)
+        ax.set(title=title, ylabel="%")
+        if group:
+            ax.legend(fontsize=7)
+    save(fig, "test_per_world.png")
+    return written
 
 
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="results files, recall.json files, or folders")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's tables: this project's values beside the paper's")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="also write PNG figures (val per epoch, training loss, per world)")
     args = parser.parse_args(argv)
+    if args.plot:
+        pyplot()  # before any output: stop at once when matplotlib is absent
     groups = {"retrieval": [], "candidates": [], "linking": []}
     for path in find_files(args.paths):
         obj = load(path)
         k = kind(obj)
         if k:
-            groups[k].append((run_name(path), obj))
-    if not any(groups.values()):
+            groups[k].append((run_name(path), path, obj))
+    if not any(groups.values()) and not args.paper:
         die(f"no *.results.json or recall.json found in {' '.join(args.paths)}")
-    titles = {"retrieval": "Retrieval (recall@k over the split's entities, %)",
-              "candidates": "Candidates (recall@k within each world, %)",
-              "linking": "Linking accuracy (%)"}
-    makers = {"retrieval": retrieval_rows, "candidates": candidate_rows, "linking": linking_rows}
-    blocks = []
-    for k, runs in groups.items():
-        if runs:
-            header, rows = makers[k](runs)
-            blocks.append(f"### {titles[k]}\n\n{table(header, rows)}")
-    print("\n\n".join(blocks))
+    if args.paper:
+        print(paper_tables(groups))
+    else:
+        titles = {"retrieval": "Retrieval (recall@k over the split's entities, %)",
+                  "candidates": "Candidates (recall@k within each world, %)",
+                  "linking": "Linking accuracy (%)"}
+        makers = {"retrieval": retrieval_rows, "candidates": candidate_rows,
+                  "linking": linking_rows}
+        blocks = []
+        for k, runs in groups.items():
+            if runs:
+                header, rows = makers[k](runs)
+                blocks.append(f"### {titles[k]}\n\n{table(header, rows)}")
+        print("\n\n".join(blocks))
+    if args.plot:
+        for path in plot(groups, args.plot):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size
     return documents, mentions
 
 
-def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2):
-    """Write `out_dir/data` (Zeshel layout) and `out_dir/bert` (tiny BERT); returns both paths."""
+def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24):
+    """Write `out_dir/data` (Zeshel layout) and `out_dir/bert` (tiny BERT); returns both paths.
+    `shared`: names that two entities of a world share (at most 36 of its 72 entities' names)."""
     rng = random.Random(seed)
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 900, 2) if w not in names]
@@ -76,7 +77,7 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2):
     for split, worlds in WORLDS.items():
         split_mentions[split] = []
         for world in worlds:
-            docs, ms = make_world(rng, world, names, topics)
+            docs, ms = make_world(rng, world, names, topics, n_shared=shared)
             with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
                 f.writelines(json.dumps(d) + "\n" for d in docs)
             split_mentions[split] += ms

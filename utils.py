@@ -464,10 +464,11 @@ def quiet_transformers():
 
 
 def progress(iterable=None, desc=None, total=None, disable=False, **kw):
-    """A tqdm bar on stderr; `disable` (from `--quiet` or a non-main process) silences it."""
+    """A tqdm bar on stderr; `disable` (from `--quiet` or a non-main process) silences it, and so
+    does a stderr that is not a terminal (a log file gets no carriage-return redraws)."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
-                leave=False, **kw)
+    return tqdm(iterable, desc=desc, total=total, disable=True if disable else None,
+                dynamic_ncols=True, leave=False, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,8 +715,11 @@ class TrainingRun:
         return state["epoch"]
 
     def save_results(self):
+        """`<model>.results.json`: the evaluations, with the run's arguments and its loss per
+        logging step (report.py tabulates and plots them)."""
         if self.rt.is_main:
-            write_json(self.results, self.paths["results"])
+            write_json({**self.results, "script": self.script, "args": recorded_args(self.args),
+                        "losses": self.losses}, self.paths["results"])
 
 
 # ----------------------------------------------------------------------------------------------
