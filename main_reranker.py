@@ -36,7 +36,8 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync,
                    load_checkpoint, load_encoder, load_tokenizer, num_training_steps,
                    optimizer_step, progress, rng_state, RunningMean, save_checkpoint,
-                   set_rng_state, set_seed, setup_runtime, unwrap, update_step, write_json)
+                   set_rng_state, set_seed, setup_runtime, StageClock, unwrap, update_step,
+                   write_json)
 
 
 SHAPE_FLAGS = ("type_model", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
@@ -200,6 +201,7 @@ def main(argv=None):
 
 def run(args, rt):
     log = get_logger(args.model, rt.is_main)
+    clock = StageClock(log)
     quiet = args.quiet or not rt.is_main
     check_flag(args.B % rt.world_size == 0, "--B",
                f"{args.B} mentions do not split evenly over {rt.world_size} processes")
@@ -225,6 +227,7 @@ def run(args, rt):
                        f"{paths['last']} was trained with --{flag} {saved}, not {now}")
 
     zeshel = Zeshel(args.data, ("train", "val", "test"), flag="--data")
+    clock.lap("loading and checking")
     name = args.pretrained or reranker.MODEL_NAMES[args.type_bert]
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
@@ -240,6 +243,7 @@ def run(args, rt):
         evals[split] = (dataset, kept, [m["corpus"] for m in zeshel.mentions[split]])
         log.info(f"{split}: {len(kept)} mentions, {int(kept.sum())} with the gold among the first "
                  f"{args.C_eval} candidates ({100.0 * kept.mean():.2f}%)")
+    clock.lap("reranker preparation (candidates and tokenization)")
 
     model = reranker.build_ranker(args.type_model, encoder, args.init, args.num_mention_vecs,
                                   args.num_entity_vecs, args.mention_use_codes,
@@ -319,9 +323,12 @@ def run(args, rt):
                 log.info(f"epoch {epoch + 1} step {step}/{total}: loss {losses[-1]:.4f} "
                          f"lr {scheduler.get_last_lr()[0]:.3g}")
 
+        clock.lap(f"reranker training, epoch {epoch + 1}")
         results["val"].append(evaluate(eval_model, evals["val"], args, rt, dtype, epoch + 1))
         log.info(f"epoch {epoch + 1} val: {describe(results['val'][-1], args.eval_method)}")
+        clock.lap(f"val evaluation, epoch {epoch + 1}")
         save(epoch + 1)
+        clock.lap(f"checkpoints, epoch {epoch + 1}")
         if os.environ.get("HARD_NCE_STOP_AFTER_EPOCH") == str(epoch + 1):
             log.info(f"HARD_NCE_STOP_AFTER_EPOCH={epoch + 1}: stopping")
             return
@@ -331,6 +338,7 @@ def run(args, rt):
     log.info(f"loaded the best checkpoint {paths['best']} (epoch {state['epoch']}, val acc_unorm "
              f"{state['best_score']:.2f})")
     results["test"] = evaluate(eval_model, evals["test"], args, rt, dtype, state["epoch"])
+    clock.lap("test evaluation")
     log.info(f"test: {describe(results['test'], args.eval_method)}")
     for world, acc in results["test"]["per_world"].items():
         log.info(f"  {world}: acc_unorm {acc['acc_unorm']:.2f} acc_norm {acc['acc_norm']:.2f} "

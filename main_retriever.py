@@ -37,8 +37,8 @@ from utils import (add_precision_args, amp_dtype, autocast, barrier, build_optim
                    build_scheduler, check_flag, check_positive, cleanup_runtime, cli_main,
                    describe_runtime, die, get_logger, grad_scaler, gradient_sync, load_checkpoint,
                    num_training_steps, optimizer_step, progress, rng_state, RunningMean,
-                   save_checkpoint, set_rng_state, set_seed, setup_runtime, unwrap, update_step,
-                   write_json)
+                   save_checkpoint, set_rng_state, set_seed, setup_runtime, StageClock, unwrap,
+                   update_step, write_json)
 
 
 def parse_args(argv=None):
@@ -155,6 +155,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
+    clock = StageClock(log)
     quiet = args.quiet or not rt.is_main
     log.info("args: %s", " ".join(f"--{k} {v}" for k, v in vars(args).items()))
     if args.store_en_hiddens or args.en_hidden_path:
@@ -175,6 +176,7 @@ def main(argv=None):
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_sizes(args, zeshel)
+    clock.lap("loading and checking")
     tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),
                                       args.type_model, args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
@@ -184,6 +186,7 @@ def main(argv=None):
     pin = device.type == "cuda"
     splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")  # 0: no training
     data = {split: encode_split(tokenizer, zeshel, split, args.max_len, pin) for split in splits}
+    clock.lap("model and tokenization")
     train = data.get("train")
     N, E = len(zeshel.mentions["train"]), len(zeshel.entities("train"))
     log.info("train %d mentions / %d entities, val %d / %d, test %d / %d", N, E,
@@ -251,6 +254,7 @@ def main(argv=None):
                 smoothing_value=args.smoothing_value, exclude_golds=args.exclude_golds,
                 generator=noise, mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
                 device=device, dtype=dtype, rt=rt, quiet=quiet)
+            clock.lap(f"mining, epoch {epoch + 1}")
         model.train()
         optimizer.zero_grad(set_to_none=True)
         batches = [b for b in torch.randperm(N, generator=generator).split(args.B)
@@ -285,7 +289,9 @@ def main(argv=None):
 
         log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
                  len(batches))
+        clock.lap(f"training, epoch {epoch + 1}")
         entry = evaluate("val", epoch + 1)
+        clock.lap(f"val ranking, epoch {epoch + 1}")
         results["val"].append(entry)
         score = entry[key] if args.eval_criterion == "recall" else entry["accuracy"]
         improved = score > best_score
@@ -301,6 +307,7 @@ def main(argv=None):
                                        losses=losses, rng=rng_state()), last_path)
         save_results()
         barrier(rt)
+        clock.lap(f"checkpoints, epoch {epoch + 1}")
         if os.environ.get("HARD_NCE_STOP_AFTER_EPOCH") == str(epoch + 1):
             log.info("HARD_NCE_STOP_AFTER_EPOCH=%d: stopping", epoch + 1)
             cleanup_runtime(rt)
@@ -317,6 +324,7 @@ def main(argv=None):
         best_epoch = best["epoch"]
     results["test"] = evaluate("test", best_epoch)
     save_results()
+    clock.lap("test ranking")
     log.info("test %s %.2f accuracy %.2f", key, results["test"][key], results["test"]["accuracy"])
     cleanup_runtime(rt)
 

@@ -22,7 +22,8 @@ from data_loader import Zeshel
 from retriever import (PRE_MODELS, TYPE_MODELS, check_worlds_hold, encode_split, load_retriever,
                        pretrained_name, rank_split, recall_table, vector_counts)
 from utils import (add_precision_args, amp_dtype, check_flag, check_positive, cleanup_runtime,
-                   cli_main, die, get_logger, load_checkpoint, setup_runtime, write_json, write_jsonl)
+                   cli_main, die, get_logger, load_checkpoint, setup_runtime, StageClock,
+                   write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
@@ -113,6 +114,7 @@ def main(argv=None):
     rt = setup_runtime(args.gpus)
     torch.backends.cuda.matmul.allow_tf32 = True
     log = get_logger(args.model, rt.is_main)
+    clock = StageClock(log)
     quiet = args.quiet or not rt.is_main
     if args.store_en_hiddens or args.en_hidden_path:
         log.info("note: entity vectors are streamed chunk by chunk; nothing is written to "
@@ -120,6 +122,7 @@ def main(argv=None):
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
+    clock.lap("loading and checking")
     tokenizer, model = load_retriever(pretrained_name(args.pre_model, args.pretrained),
                                       args.type_model, args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
@@ -129,13 +132,16 @@ def main(argv=None):
         die(f"--model: {args.model} does not fit a {args.type_model} retriever of "
             f"{args.pretrained or args.pre_model} (another encoder?)")
     model.to(device)
+    clock.lap("model")
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.num_cands]
     recalls = {}
     for split in SPLITS:
         data = encode_split(tokenizer, zeshel, split, args.max_len, pin=device.type == "cuda")
+        clock.lap(f"tokenization, {split}")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
                                device=device, dtype=dtype, rt=rt, quiet=quiet)
+        clock.lap(f"ranking, {split}")
         recalls[split] = recall_table(ranked, data.golds, data.mention_worlds,
                                       data.entities.worlds, ks)
         if rt.is_main:
@@ -145,6 +151,7 @@ def main(argv=None):
                         os.path.join(args.cands_dir, f"candidates_{split}.json"))
         log.info("%s: %d mentions, recall@%d micro %.2f", split, len(data.golds), ks[-1],
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
+        clock.lap(f"writing candidates, {split}")
     if rt.is_main:
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
     log.info("recall (percent), each mention ranked within its own world:\n%s",
