@@ -283,12 +283,16 @@ def marker_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids([MENTION_START, MENTION_END, TITLE_END])
 
 
-def _pad(rows, max_len, pad_id):
-    ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)   # (N, L)
-    mask = np.zeros((len(rows), max_len), dtype=np.int64)          # (N, L)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
+def _pad(n, max_len, pad_id, rows_of, chunk=8192):
+    """(N, max_len) padded ids and mask of N id lists, made `chunk` at a time by
+    rows_of(start, end): only one chunk's Python lists exist at once (a whole split's took
+    several times the memory of the tensors)."""
+    ids = np.full((n, max_len), pad_id, dtype=np.int64)   # (N, L)
+    mask = np.zeros((n, max_len), dtype=np.int64)          # (N, L)
+    for s in range(0, n, chunk):
+        for i, r in enumerate(rows_of(s, min(n, s + chunk)), s):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
@@ -312,21 +316,25 @@ def encode_mentions(tokenizer, zeshel, mentions, max_len):
     """Retriever mention windows as `[CLS] window [SEP]` padded ids and masks, (M, max_len) each."""
     start, end, _ = marker_ids(tokenizer)
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    left, mention, right = _context_ids(tokenizer, zeshel, mentions, max_len - 1)
-    rows = [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
-            for l, m, r in zip(left, mention, right)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+
+    def rows(a, b):
+        left, mention, right = _context_ids(tokenizer, zeshel, mentions[a:b], max_len - 1)
+        return [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
+                for l, m, r in zip(left, mention, right)]
+    return _pad(len(mentions), max_len, tokenizer.pad_token_id, rows)
 
 
 def encode_entities(tokenizer, entities, max_len):
     """Retriever entity windows `[CLS] title [unused2] text [SEP]` padded, (E, max_len) each."""
     title_end = marker_ids(tokenizer)[2]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    titles = _ids(tokenizer, list(entities.titles))
-    texts = prefix_ids(tokenizer, list(entities.texts), max_len - 2)
-    rows = [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
-            for t, x in zip(titles, texts)]
-    return _pad(rows, max_len, tokenizer.pad_token_id)
+
+    def rows(a, b):
+        titles = _ids(tokenizer, list(entities.titles[a:b]))
+        texts = prefix_ids(tokenizer, list(entities.texts[a:b]), max_len - 2)
+        return [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
+                for t, x in zip(titles, texts)]
+    return _pad(len(entities.titles), max_len, tokenizer.pad_token_id, rows)
 
 
 def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):
