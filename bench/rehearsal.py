@@ -161,6 +161,25 @@ def table(result):
     return "\n".join(lines)
 
 
+def report(work, scale):
+    """The stage table of the script outputs found in `work`, finished or not."""
+    with open(os.path.join(work, "generate.json")) as f:
+        result = {"scale": scale, "generate": json.load(f), "scripts": {}}
+    with open(os.path.join(work, "generate.log")) as f:
+        result["counts"] = " ".join(line.strip() + ";" for line in f if "worlds" in line)
+    for name in commands(work):
+        path = os.path.join(work, f"{name}.out")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = stages(f.read())
+            result["scripts"][name] = {"seconds": sum(s["seconds"] for s in found),
+                                       "cpu_s": sum(s["cpu_s"] or 0 for s in found),
+                                       "peak_tree_rss_mb": max([s["peak_rss_mb"] for s in found]
+                                                               or [0]),
+                                       "disk_mb": float("nan"), "stages": found}
+    return table(result)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, required=True, help="F of toy_world.py --zeshel_scale")
@@ -168,7 +187,12 @@ def main(argv=None):
     p.add_argument("--out", help="JSON file for the figures")
     p.add_argument("--threads", type=int, default=1, help="torch threads per script")
     p.add_argument("--only", default="", help="comma-separated scripts to run (default: all)")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: tabulate the stage lines already in WORK (a cut run too)")
     args = p.parse_args(argv)
+    if args.report:
+        print(report(args.work, args.scale))
+        return
     os.makedirs(args.work, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
