@@ -383,10 +383,22 @@ def marker_ids(tokenizer):
     return tokenizer.convert_tokens_to_ids([MENTION_START, MENTION_END, TITLE_END])
 
 
-def pad_rows(rows, max_len, pad_id):
-    """Id lists as padded (N, max_len) int64 ids and their attention mask (1 for tokens)."""
-    ids = np.full((len(rows), max_len), pad_id, dtype=np.int64)   # (N, L)
-    mask = np.zeros((len(rows), max_len), dtype=np.int64)          # (N, L)
+WINDOW_CHUNK = 8192  # windows made at a time: a whole split's Python id lists never exist at once
+
+
+def in_chunks(n, rows_of, chunk=WINDOW_CHUNK):
+    """The rows of rows_of(start, end) over consecutive chunks of range(n), one chunk's lists
+    alive at a time (a whole split's took several times the memory of the padded tensors)."""
+    for s in range(0, n, chunk):
+        yield from rows_of(s, min(n, s + chunk))
+
+
+def pad_rows(rows, max_len, pad_id, n=None):
+    """Id lists as padded (N, max_len) int64 ids and their attention mask (1 for tokens). `rows`
+    may be a generator (such as in_chunks'), `n` then the number it yields."""
+    n = len(rows) if n is None else n
+    ids = np.full((n, max_len), pad_id, dtype=np.int64)   # (N, L)
+    mask = np.zeros((n, max_len), dtype=np.int64)          # (N, L)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
@@ -413,21 +425,27 @@ def encode_mentions(tokenizer, zeshel, mentions, max_len):
     """Retriever mention windows as `[CLS] window [SEP]` padded ids and masks, (M, max_len) each."""
     start, end, _ = marker_ids(tokenizer)
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    left, mention, right = _context_ids(tokenizer, zeshel, mentions, max_len - 1)
-    rows = [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
-            for l, m, r in zip(left, mention, right)]
-    return pad_rows(rows, max_len, tokenizer.pad_token_id)
+
+    def rows(a, b):
+        left, mention, right = _context_ids(tokenizer, zeshel, mentions[a:b], max_len - 1)
+        return [[cls] + retriever_mention_window(l, m, r, max_len, start, end) + [sep]
+                for l, m, r in zip(left, mention, right)]
+    return pad_rows(in_chunks(len(mentions), rows), max_len, tokenizer.pad_token_id,
+                    n=len(mentions))
 
 
 def encode_entities(tokenizer, entities, max_len):
     """Retriever entity windows `[CLS] title [unused2] text [SEP]` padded, (E, max_len) each."""
     title_end = marker_ids(tokenizer)[2]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    titles = _ids(tokenizer, list(entities.titles))
-    texts = prefix_ids(tokenizer, list(entities.texts), max_len - 2)
-    rows = [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
-            for t, x in zip(titles, texts)]
-    return pad_rows(rows, max_len, tokenizer.pad_token_id)
+
+    def rows(a, b):
+        titles = _ids(tokenizer, list(entities.titles[a:b]))
+        texts = prefix_ids(tokenizer, list(entities.texts[a:b]), max_len - 2)
+        return [[cls] + retriever_entity_window(t, x, max_len, title_end) + [sep]
+                for t, x in zip(titles, texts)]
+    return pad_rows(in_chunks(len(entities.titles), rows), max_len, tokenizer.pad_token_id,
+                    n=len(entities.titles))
 
 
 def reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark=False):

@@ -37,7 +37,7 @@ from retriever import (add_scorer_args, check_positions, check_same_model, check
 from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_candidates_manifest, check_flag,
                    check_positive, check_training_args, cli_main, epoch_generator, gradient_sync,
-                   optimizer_step, progress, RunningMean, set_seed, start_run, training_log,
+                   optimizer_step, progress, RunningMean, set_seed, StageClock, start_run, training_log,
                    update_step, with_runtime, wrap_for_training)
 
 SCRIPT = "main_reranker"
@@ -161,15 +161,16 @@ def main(argv=None):
     with_runtime(args, train_reranker)
 
 
-def load_data_and_model(args, log):
+def load_data_and_model(args, log, clock):
     """(the train CandidateDataset, val and test as evaluate takes them, the model)."""
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"), flag="--data")
+    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
+                                               ("train", "val", "test")])
+    clock.lap("loading and checking")
     name = pretrained_name("--type_bert", args.type_bert, args.pretrained)
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
     check_positions(encoder, args.L, "--L")
-    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
-                                               ("train", "val", "test")])
     train, _ = load_split(args, zeshel, tokenizer, "train", training=True)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}
@@ -178,6 +179,7 @@ def load_data_and_model(args, log):
         evals[split] = (dataset, kept, [m["corpus"] for m in zeshel.mentions[split]])
         log.info("%s: %d mentions, %d with the gold among the first %d candidates (%.2f%%)", split,
                  len(kept), int(kept.sum()), args.C_eval, 100.0 * kept.mean())
+    clock.lap("reranker preparation (candidates and tokenization)")
     model = reranker.build_ranker(args.type_model, encoder, args.init, args.num_mention_vecs,
                                   args.num_entity_vecs, args.mention_use_codes,
                                   args.entity_use_codes)
@@ -187,6 +189,7 @@ def load_data_and_model(args, log):
 def train_reranker(args, rt):
     """Set up, then per epoch: the training loop and val; test at the end."""
     log = training_log(args, rt)
+    clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     run = TrainingRun(SCRIPT, args, rt, log, {"eval_method": args.eval_method, "val": [],
                                               "test": None},
                       criterion="acc_unorm", ties_replace=False)
@@ -195,7 +198,7 @@ def train_reranker(args, rt):
         check_same_model(args, state["args"], run.paths["last"])
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
-    train, evals, model = load_data_and_model(args, log)
+    train, evals, model = load_data_and_model(args, log, clock)
     model.to(rt.device)
     optimizer, scheduler, scaler = run.optimizers(model, len(train), dtype)
     run.restore(state, model, optimizer, scheduler, scaler)
@@ -206,9 +209,12 @@ def train_reranker(args, rt):
 
     def validate(epoch):
         entry = evaluate(eval_model, evals["val"], args, rt, dtype, epoch)
+        clock.lap(f"val evaluation, epoch {epoch}")
         run.results["val"].append(entry)
         log.info("epoch %d val: %s", epoch, describe(entry, args.eval_method))
-        return run.end_epoch(epoch, entry["acc_unorm"], model, optimizer, scheduler, scaler)
+        stop = run.end_epoch(epoch, entry["acc_unorm"], model, optimizer, scheduler, scaler)
+        clock.lap(f"checkpoints, epoch {epoch}")
+        return stop
 
     if args.epochs == 0:  # the untrained model, saved as the best so that test reads it back
         validate(0)
@@ -230,11 +236,13 @@ def train_reranker(args, rt):
                 optimizer_step(model, optimizer, scheduler, scaler, args.clip)
                 run.count_step(epoch, running, scheduler)
         loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
+        clock.lap(f"reranker training, epoch {epoch + 1}")
         if validate(epoch + 1):
             return
 
     best_epoch = run.load_best(model)
     run.results["test"] = evaluate(eval_model, evals["test"], args, rt, dtype, best_epoch)
+    clock.lap("test evaluation")
     log.info("test: %s", describe(run.results["test"], args.eval_method))
     for world, acc in run.results["test"]["per_world"].items():
         log.info("  %s: acc_unorm %.2f acc_norm %.2f (%d correct / %d kept / %d mentions)", world,

@@ -31,7 +31,7 @@ from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions,
 from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_flag, check_positive,
                    check_training_args, cli_main, epoch_generator, gradient_sync, optimizer_step,
-                   progress, RunningMean, set_seed, start_run, training_log, unwrap, update_step,
+                   progress, RunningMean, set_seed, StageClock, start_run, training_log, unwrap, update_step,
                    with_runtime, wrap_for_training)
 
 SCRIPT = "main_retriever"
@@ -80,7 +80,7 @@ def check_args(args):
     return args
 
 
-def load_data_and_model(args, log, pin):
+def load_data_and_model(args, log, pin, clock):
     """(the tokenized splits the run needs (train only when it trains), the retriever), after
     checking --k and --num_cands against the entity sets and --max_len against the encoder."""
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
@@ -89,6 +89,7 @@ def load_data_and_model(args, log, pin):
         n = len(zeshel.entities("train"))
         check_flag(args.num_cands <= n - 1, "--num_cands", f"{args.num_cands} negatives asked for "
                    f"but train has {n} entities (gold included)")
+    clock.lap("loading and checking")
     tokenizer, model = load_retriever(pretrained_name("--pre_model", args.pre_model,
                                                       args.pretrained), args.type_model,
                                       args.num_mention_vecs, args.num_entity_vecs,
@@ -99,6 +100,7 @@ def load_data_and_model(args, log, pin):
     log.info("train %d mentions / %d entities, val %d / %d, test %d / %d",
              *[x for s in ("train", "val", "test")
                for x in (len(zeshel.mentions[s]), len(zeshel.entities(s)))])
+    clock.lap("model and tokenization")
     return data, model
 
 
@@ -112,6 +114,7 @@ def main(argv=None):
 def train_retriever(args, rt):
     """Set up, then per epoch: the negatives, the training loop and val; test at the end."""
     log = training_log(args, rt)
+    clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     run = TrainingRun(SCRIPT, args, rt, log, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
     state = run.resume_state()
@@ -119,7 +122,7 @@ def train_retriever(args, rt):
         check_same_model(args, state["args"], run.paths["last"])
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
-    data, model = load_data_and_model(args, log, pin=device.type == "cuda")
+    data, model = load_data_and_model(args, log, pin=device.type == "cuda", clock=clock)
     train = data.get("train")
     model.to(device)
     optimizer, scheduler, scaler = run.optimizers(model, len(train.golds) if train else 0, dtype)
@@ -145,6 +148,7 @@ def train_retriever(args, rt):
             smoothing_value=args.smoothing_value, exclude_golds=args.exclude_golds,
             generator=epoch_generator(args.seed, epoch, rt.rank, device),
             mention_bsz=args.mention_bsz, **stream)
+        clock.lap(f"negatives, epoch {epoch + 1}")
         generator = epoch_generator(args.seed, epoch)  # the batches and random negatives
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -172,11 +176,15 @@ def train_retriever(args, rt):
                 optimizer_step(model, optimizer, scheduler, scaler, args.clip)
                 run.count_step(epoch, running, scheduler)
         loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
+        clock.lap(f"training, epoch {epoch + 1}")
         log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
                  len(batches))
         entry, score = evaluate("val", epoch + 1)
+        clock.lap(f"val ranking, epoch {epoch + 1}")
         run.results["val"].append(entry)
-        if run.end_epoch(epoch + 1, score, model, optimizer, scheduler, scaler):
+        stop = run.end_epoch(epoch + 1, score, model, optimizer, scheduler, scaler)
+        clock.lap(f"checkpoints, epoch {epoch + 1}")
+        if stop:
             return
 
     if args.epochs == 0:  # the zero-shot baseline, saved so that candidates can be dumped from it
@@ -184,6 +192,7 @@ def train_retriever(args, rt):
         run.results["val"] = [entry]
         run.end_epoch(0, score, model, optimizer, scheduler, scaler)
     run.results["test"], _ = evaluate("test", run.load_best(model))
+    clock.lap("test ranking")
     run.save_results()
     log.info("test %s %.2f accuracy %.2f", key, run.results["test"][key],
              run.results["test"]["accuracy"])

@@ -92,6 +92,16 @@ class PackedIds:
         self.flat = np.fromiter((t for r in rows for t in r), dtype=np.int32,
                                 count=int(self.offsets[-1]))
 
+    @classmethod
+    def join(cls, parts):
+        """One PackedIds of the rows of `parts` (PackedIds) one after the other."""
+        out = cls([])
+        if parts:
+            shifts = np.cumsum([0] + [int(p.offsets[-1]) for p in parts[:-1]])
+            out.offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+            out.flat = np.concatenate([p.flat for p in parts])
+        return out
+
     def __len__(self):
         return len(self.offsets) - 1
 
@@ -105,33 +115,37 @@ def _unpadded(ids, mask):
 
 
 def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
-                             chunk=20000):
+                             chunk=4096):
     """The token ids of a split, for the entities its candidates use only.
 
     rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
     mention's reranker window and each entity's text prefix, to be joined into pairs;
     pairs=False (the retriever scorers): the retriever's `[CLS] window [SEP]` mention and entity
     windows of L tokens (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows), the
-    returned rows indexing entity_ids instead of the EntitySet.
+    returned rows indexing entity_ids instead of the EntitySet. Windows are packed `chunk` at a
+    time: the Python id lists of a whole split took about ten times the packed arrays' memory.
     """
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
     position = np.full(len(entities), -1, dtype=np.int64)
     position[used] = np.arange(len(used))
-    if pairs:
-        mention_ids = reranker_mention_ids(tokenizer, zeshel, mentions, L, inputmark)
-    else:
-        mention_ids = _unpadded(*encode_mentions(tokenizer, zeshel, mentions, L))
-    entity_ids = []
-    for start in range(0, len(used), chunk):
-        part = used[start:start + chunk]
+
+    def mention_windows(part):
         if pairs:
-            entity_ids += reranker_entity_ids(tokenizer, [entities.texts[i] for i in part], L)
-        else:
-            subset = SimpleNamespace(titles=[entities.titles[i] for i in part],
-                                     texts=[entities.texts[i] for i in part])
-            entity_ids += _unpadded(*encode_entities(tokenizer, subset, L))
-    return (PackedIds(mention_ids), PackedIds(entity_ids),
+            return reranker_mention_ids(tokenizer, zeshel, part, L, inputmark)
+        return _unpadded(*encode_mentions(tokenizer, zeshel, part, L))
+
+    def entity_windows(part):
+        if pairs:
+            return reranker_entity_ids(tokenizer, [entities.texts[i] for i in part], L)
+        subset = SimpleNamespace(titles=[entities.titles[i] for i in part],
+                                 texts=[entities.texts[i] for i in part])
+        return _unpadded(*encode_entities(tokenizer, subset, L))
+
+    def packed(items, windows):
+        return PackedIds.join([PackedIds(windows(items[s:s + chunk]))
+                               for s in range(0, len(items), chunk)])
+    return (packed(mentions, mention_windows), packed(used, entity_windows),
             [None if r is None else position[r] for r in rows])
 
 

@@ -398,9 +398,32 @@ def best_first(values, k):
     the lower entity index first, in one process or merged from several.
     values: (R, c) -> (values, columns), each (R, min(k, c)).
 
+    For k much smaller than c only k columns per row are sorted: those above the row's k-th
+    largest value t, then those equal to t in column order while places are left. The result is
+    the stable sort's; sorting whole rows of an entity chunk (c log c each) was the largest cost
+    of mining and ranking.
+
     >>> best_first(torch.tensor([[1., 3., 3., 2.]]), 2)
     (tensor([[3., 3.]]), tensor([[1, 2]]))
+    >>> best_first(torch.tensor([[0., 5., 1., 5., 5., 0., 2., 1., 0., 4.]]), 2)
+    (tensor([[5., 5.]]), tensor([[1, 3]]))
     """
+    R, c = values.shape
+    if 4 * k < c and R > 0:
+        t = values.topk(k, dim=1).values[:, -1:]                        # (R, 1) k-th largest
+        above, tied = values > t, values == t                           # (R, c) each
+        take = above | tied
+        count = take.sum(1)
+        crowded = count > k                                             # more ties than places
+        if crowded.any():
+            need = k - above[crowded].sum(1, keepdim=True)
+            ties = tied[crowded]
+            take[crowded] = above[crowded] | (ties & (ties.cumsum(1) <= need))
+            count = take.sum(1)
+        if bool((count == k).all()):  # not so with NaN scores: the full sort below
+            columns = take.nonzero()[:, 1].view(R, k)                   # (R, k) column order
+            v, order = values.gather(1, columns).sort(dim=1, descending=True, stable=True)
+            return v, columns.gather(1, order)
     v, i = values.sort(dim=1, descending=True, stable=True)
     return v[:, :k], i[:, :k]
 

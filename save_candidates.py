@@ -23,7 +23,7 @@ from retriever import (PRETRAINED, TYPE_MODELS, add_scorer_args, check_same_mode
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, add_precision_args,
                    amp_dtype, begin_candidates, candidates_producer, check_candidates_overwrite,
                    check_flag, check_positive, cli_main, finish_candidates, get_logger,
-                   load_run_checkpoint, load_weights, log_args, start_run, with_runtime,
+                   load_run_checkpoint, load_weights, log_args, StageClock, start_run, with_runtime,
                    write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
@@ -103,25 +103,30 @@ def main(argv=None):
 def save_candidates(args, rt, weights, producer):
     log = get_logger(args.model, rt.is_main)
     log_args(args, log)
+    clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     quiet = args.quiet or not rt.is_main
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
+    clock.lap("loading and checking")
     tokenizer, model = load_retriever(pretrained_name("--pre_model", args.pre_model,
                                                       args.pretrained), args.type_model,
                                       args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
     load_weights(model, weights, args.model, "--model")
     model.to(device)
+    clock.lap("model")
     ks, recalls = recall_ks(args.num_cands), {}
     if rt.is_main:
         begin_candidates(args.cands_dir, producer)  # Run safety: incomplete until the manifest
     for split in SPLITS:
         data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
                                       pin=device.type == "cuda")
+        clock.lap(f"tokenization, {split}")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
                                device=device, dtype=dtype, rt=rt, quiet=quiet)
+        clock.lap(f"ranking, {split}")
         recalls[split] = recall_table(ranked, data.golds, data.mention_worlds,
                                       data.entities.worlds, ks)
         if rt.is_main:
@@ -131,6 +136,7 @@ def save_candidates(args, rt, weights, producer):
                         os.path.join(args.cands_dir, f"candidates_{split}.json"))
         log.info("%s: %d mentions, recall@%d micro %.2f", split, len(data.golds), ks[-1],
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
+        clock.lap(f"writing candidates, {split}")
     if rt.is_main:
         write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
         finish_candidates(args.cands_dir, producer, [f"candidates_{s}.json" for s in SPLITS]

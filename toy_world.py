@@ -1,12 +1,18 @@
 """The bundled toy world: a small Zeshel-format folder and a tiny BERT, built offline in seconds.
 
     python toy_world.py OUT_DIR        # writes OUT_DIR/data (Zeshel layout) and OUT_DIR/bert
+    python toy_world.py OUT_DIR --zeshel_scale F   # instead a synthetic Zeshel of the real sizes
 
 Each world has entities whose names repeat ("Zorbik (knight)", "Zorbik (river)"), so that the
 name alone cannot tell them apart: only the words around a mention, which are drawn from its
 entity's own topic words, do. Train, val and test worlds are disjoint (zero-shot, as Zeshel).
 The tiny BERT (random weights from a config) has a word-level vocabulary holding every word of
 the world plus the marker tokens, so it runs the same code paths as bert-base-uncased.
+
+`--zeshel_scale F` writes Zeshel's 16 real worlds instead, each world's entity and mention counts
+times F (at least 1 each), documents of log-normal lengths and a tiny BERT over their words: the
+full-size rehearsal of bench/SCALE.md (F = 1: 492,321 entities, 69,275 mentions, 626 MB, under
+two minutes).
 """
 import argparse
 import json
@@ -88,12 +94,18 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24):
         with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in ms)
 
+    write_tiny_bert(bert_dir, SPECIAL + FILLER + names + topics, seed, hidden, layers, heads)
+    return data_dir, bert_dir
+
+
+def write_tiny_bert(bert_dir, vocab, seed=0, hidden=64, layers=2, heads=2):
+    """A BERT with random weights from a config and a word-level vocabulary `vocab` (the
+    special tokens first), saved with its tokenizer files in `bert_dir`."""
     import torch
     from transformers import BertConfig, BertModel
     from utils import quiet_transformers
     quiet_transformers()
     os.makedirs(bert_dir, exist_ok=True)
-    vocab = SPECIAL + FILLER + names + topics
     with open(os.path.join(bert_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
     with open(os.path.join(bert_dir, "tokenizer_config.json"), "w") as f:
@@ -104,16 +116,165 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24):
                         max_position_embeddings=512)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(bert_dir)
-    return data_dir, bert_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic Zeshel of the real sizes (`--zeshel_scale F`)
+
+# Entities / mentions per world, from the Zeshel paper's statistics (train 332,632 / 49,275;
+# val 89,549 / 10,000; test 70,140 / 10,000).
+ZESHEL_WORLDS = {
+    "train": {"american_football": (31929, 3898), "doctor_who": (40281, 8334),
+              "fallout": (16992, 3286), "final_fantasy": (14044, 6041),
+              "military": (104520, 13063), "pro_wrestling": (10133, 1392),
+              "starwars": (87056, 11824), "world_of_warcraft": (27677, 1437)},
+    "val": {"coronation_street": (17809, 1464), "muppets": (21344, 2028),
+            "ice_hockey": (28684, 2233), "elder_scrolls": (21712, 4275)},
+    "test": {"forgotten_realms": (15603, 1200), "lego": (10076, 1199),
+             "star_trek": (34430, 4227), "yugioh": (10031, 3374)},
+}
+HELDOUT = 5000  # mentions of heldout_train_seen and of heldout_train_unseen, from train worlds
+# Words per document: log-normal, median DOC_MEDIAN words, log-space deviation DOC_SIGMA
+# (mean = median * exp(sigma^2 / 2), about 198 words), clipped to [DOC_MIN, DOC_MAX].
+DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 120, 1.0, 8, 5000
+VOCAB_SIZE, ZIPF_EXPONENT = 30000, 1.0
+CATEGORIES = ["LOW_OVERLAP", "HIGH_OVERLAP", "MULTIPLE_CATEGORIES", "AMBIGUOUS_SUBSTRING"]
+
+
+def scaled_count(n, scale):
+    """round(n * scale), at least 1: every world keeps an entity and a mention at any scale.
+
+    >>> scaled_count(1199, 0.05), scaled_count(1199, 0.0001)
+    (60, 1)
+    """
+    return max(1, int(round(n * scale)))
+
+
+def _hex_ids(first, count, salt):
+    """`count` distinct 16-digit upper-case hex ids (the Zeshel form): the counter first..first+
+    count-1 times an odd constant modulo 2^64 (a bijection), so they never collide."""
+    return [f"{((i * 0x9E3779B97F4A7C15) ^ salt) & 0xFFFFFFFFFFFFFFFF:016X}"
+            for i in range(first, first + count)]
+
+
+def make_scaled_world(rng, world, n_entities, n_mentions, words, zipf_cdf, first_id, out):
+    """Write world's documents to the open file `out`; return its mentions (dicts, no ids).
+
+    Each document: its title's words, then words drawn from a Zipf law over `words`, its length
+    from the log-normal above. A mention: a context document and a label document of the world
+    drawn uniformly, at a uniform position of the context; the label's title replaces the words
+    there, preceded by two words of the label's own text (context that can tell entities apart).
+    """
+    import numpy as np
+    V = len(words) // 2  # words: V lower-case forms, then their capitalized forms
+    lengths = np.clip(np.round(rng.lognormal(np.log(DOC_MEDIAN), DOC_SIGMA, n_entities)),
+                      DOC_MIN, DOC_MAX).astype(np.int64)                      # (E,)
+    offsets = np.zeros(n_entities + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    text = np.searchsorted(zipf_cdf, rng.random(int(offsets[-1]))).astype(np.int32)  # (W,)
+    name_len = rng.choice([1, 2, 3], n_entities, p=[0.5, 0.35, 0.15])       # (E,)
+    names = rng.integers(0, V, (n_entities, 3)).astype(np.int32) + V      # capitalized forms
+    for j in range(3):  # every document opens with its title
+        has = name_len > j
+        text[offsets[:-1][has] + j] = names[has, j]
+    ctx = rng.integers(0, n_entities, n_mentions)
+    label = rng.integers(0, n_entities, n_mentions)
+    room = lengths[ctx] - name_len[label] - 2                 # >= 3 since DOC_MIN = 8
+    start = 2 + (rng.random(n_mentions) * (room + 1)).astype(np.int64)
+    for i in range(n_mentions):
+        pos = offsets[ctx[i]] + start[i]
+        lab = offsets[label[i]]
+        text[pos - 2:pos] = text[lab + 3:lab + 5] % V      # two words of the label's text
+        text[pos:pos + name_len[label[i]]] = names[label[i], :name_len[label[i]]]
+    doc_ids = _hex_ids(first_id, n_entities, 0x5A17)
+    chunk = 4096
+    for s in range(0, n_entities, chunk):
+        e = min(s + chunk, n_entities)
+        toks = text[offsets[s]:offsets[e]].tolist()
+        for d in range(s, e):
+            a, b = offsets[d] - offsets[s], offsets[d + 1] - offsets[s]
+            doc_words = [words[t] for t in toks[a:b]]
+            title = " ".join(doc_words[:name_len[d]])
+            out.write(json.dumps({"document_id": doc_ids[d], "title": title,
+                                  "text": " ".join(doc_words)}) + "\n")
+    mentions = []
+    for i in range(n_mentions):
+        c, s = int(ctx[i]), int(start[i])
+        e = s + int(name_len[label[i]]) - 1
+        toks = text[offsets[c] + s:offsets[c] + e + 1].tolist()
+        mentions.append({"context_document_id": doc_ids[c],
+                         "label_document_id": doc_ids[int(label[i])], "start_index": s,
+                         "end_index": e, "text": " ".join(words[t] for t in toks),
+                         "corpus": world, "category": CATEGORIES[int(rng.integers(4))]})
+    return mentions
+
+
+def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2):
+    """Write `out_dir/data`, a synthetic Zeshel with the real worlds and each world's entity and
+    mention counts times `scale` (0 < scale <= 1), and `out_dir/bert`, a tiny BERT whose
+    word-level vocabulary holds every word; returns both paths and the counts written."""
+    import numpy as np
+    if not 0 < scale <= 1:
+        raise ValueError(f"--zeshel_scale {scale} is not in (0, 1]")
+    rng = np.random.default_rng(seed)
+    pseudo = pseudo_words(random.Random(seed), VOCAB_SIZE - len(FILLER), 3)
+    random.Random(seed).shuffle(pseudo)  # frequency rank unrelated to spelling
+    lower = FILLER + pseudo                                                   # Zipf rank order
+    words = lower + [w.capitalize() for w in lower]         # id + V: the capitalized form
+    zipf = 1.0 / np.arange(1, len(lower) + 1) ** ZIPF_EXPONENT
+    zipf_cdf = np.cumsum(zipf / zipf.sum())
+    zipf_cdf[-1] = 1.0
+    data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
+    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
+    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
+    total_train = sum(m for _, m in ZESHEL_WORLDS["train"].values())
+    split_mentions, counts, first_id = {}, {}, 0
+    for split, worlds in ZESHEL_WORLDS.items():
+        split_mentions[split] = []
+        for world, (n_ent, n_men) in sorted(worlds.items()):
+            E, M = scaled_count(n_ent, scale), scaled_count(n_men, scale)
+            extra = [scaled_count(HELDOUT * n_men / total_train, scale)
+                     for _ in range(2)] if split == "train" else [0, 0]
+            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
+                ms = make_scaled_world(rng, world, E, M + sum(extra), words, zipf_cdf,
+                                       first_id, f)
+            first_id += E
+            counts[world] = (split, E, M)
+            split_mentions[split] += ms[:M]
+            if split == "train":
+                split_mentions.setdefault("heldout_train_seen", []).extend(
+                    ms[M:M + extra[0]])
+                split_mentions.setdefault("heldout_train_unseen", []).extend(ms[M + extra[0]:])
+    first_mention = 0
+    for split, ms in split_mentions.items():
+        ids = _hex_ids(first_mention, len(ms), 0x3E17)
+        first_mention += len(ms)
+        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
+            f.writelines(json.dumps({"mention_id": i, **m}) + "\n" for i, m in zip(ids, ms))
+    write_tiny_bert(bert_dir, SPECIAL + lower, seed, hidden, layers, heads)
+    return data_dir, bert_dir, counts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write data/ and bert/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zeshel_scale", type=float, default=None, metavar="F",
+                        help="instead of the toy world, a synthetic Zeshel of the real worlds "
+                             "with each world's entity and mention counts times F (0 < F <= 1)")
     args = parser.parse_args(argv)
-    data_dir, bert_dir = make_toy_world(args.out_dir, args.seed)
-    print(f"toy world: {data_dir}  tiny BERT: {bert_dir}")
+    if args.zeshel_scale is None:
+        data_dir, bert_dir = make_toy_world(args.out_dir, args.seed)
+        print(f"toy world: {data_dir}  tiny BERT: {bert_dir}")
+        return
+    if not 0 < args.zeshel_scale <= 1:
+        parser.error(f"--zeshel_scale {args.zeshel_scale} is not in (0, 1]")
+    data_dir, bert_dir, counts = make_zeshel_scale(args.out_dir, args.zeshel_scale, args.seed)
+    for split in ZESHEL_WORLDS:
+        rows = [(E, M) for s, E, M in counts.values() if s == split]
+        print(f"{split}: {len(rows)} worlds, {sum(r[0] for r in rows)} entities, "
+              f"{sum(r[1] for r in rows)} mentions")
+    print(f"Zeshel at scale {args.zeshel_scale}: {data_dir}  tiny BERT: {bert_dir}")
 
 
 if __name__ == "__main__":
