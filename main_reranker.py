@@ -34,11 +34,11 @@ import reranker
 from data_loader import Zeshel, load_tokenizer, read_candidates
 from retriever import (add_scorer_args, check_positions, check_same_model, check_scorer_args,
                        load_encoder, nce_loss, pretrained_name, PRETRAINED)
-from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
+from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_candidates_manifest, check_flag,
                    check_positive, check_training_args, cli_main, epoch_generator, gradient_sync,
-                   optimizer_step, progress, RunningMean, set_seed, StageClock, start_run, training_log,
-                   update_step, with_runtime, wrap_for_training)
+                   progress, set_seed, start_run, training_log, update_step, with_runtime,
+                   wrap_for_training)
 
 SCRIPT = "main_reranker"
 
@@ -189,10 +189,10 @@ def load_data_and_model(args, log, clock):
 def train_reranker(args, rt):
     """Set up, then per epoch: the training loop and val; test at the end."""
     log = training_log(args, rt)
-    clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     run = TrainingRun(SCRIPT, args, rt, log, {"eval_method": args.eval_method, "val": [],
                                               "test": None},
                       criterion="acc_unorm", ties_replace=False)
+    clock = run.clock
     state = run.resume_state()
     if state is not None:
         check_same_model(args, state["args"], run.paths["last"])
@@ -205,7 +205,6 @@ def train_reranker(args, rt):
     train_model = wrap_for_training(model, rt)
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
     accum = args.gradient_accumulation_steps
-    loss_check = LossCheck(args)  # stops the run at a non-finite loss
 
     def validate(epoch):
         entry = evaluate(eval_model, evals["val"], args, rt, dtype, epoch)
@@ -221,7 +220,6 @@ def train_reranker(args, rt):
     for epoch in range(run.epoch, args.epochs):
         train_model.train()
         batches = loader(train, args.B // rt.world_size, args, rt, shuffle=True, epoch=epoch)
-        running = RunningMean(rt.device)
         for i, (_, *inputs) in enumerate(progress(batches, desc=f"epoch {epoch + 1}",
                                                   disable=run.quiet)):
             update = update_step(i, len(batches), accum)
@@ -230,13 +228,10 @@ def train_reranker(args, rt):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = nce_loss(scores)  # scores (B, C), the gold at 0
                 scaler.scale(loss / accum).backward()
-            loss_check.watch(loss, epoch + 1, run.step)
-            running.add(loss)
+            run.batch_loss(loss, epoch)  # a non-finite loss stops the run
             if update:
-                optimizer_step(model, optimizer, scheduler, scaler, args.clip)
-                run.count_step(epoch, running, scheduler)
-        loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
-        clock.lap(f"reranker training, epoch {epoch + 1}")
+                run.optimizer_step(model, optimizer, scheduler, scaler, epoch)
+        run.end_training(epoch)
         if validate(epoch + 1):
             return
 

@@ -28,11 +28,11 @@ from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions,
                        check_scorer_args, check_worlds_hold, encode_retriever_split,
                        epoch_negatives, load_retriever, nce_loss, pretrained_name, rank_split,
                        ranking_entry)
-from utils import (ArgumentParser, LossCheck, TrainingRun, add_compatibility_args, add_data_arg,
+from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_flag, check_positive,
-                   check_training_args, cli_main, epoch_generator, gradient_sync, optimizer_step,
-                   progress, RunningMean, set_seed, StageClock, start_run, training_log, unwrap, update_step,
-                   with_runtime, wrap_for_training)
+                   check_training_args, cli_main, epoch_generator, gradient_sync, progress,
+                   set_seed, start_run, training_log, unwrap, update_step, with_runtime,
+                   wrap_for_training)
 
 SCRIPT = "main_retriever"
 
@@ -114,9 +114,9 @@ def main(argv=None):
 def train_retriever(args, rt):
     """Set up, then per epoch: the negatives, the training loop and val; test at the end."""
     log = training_log(args, rt)
-    clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     run = TrainingRun(SCRIPT, args, rt, log, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
+    clock = run.clock
     state = run.resume_state()
     if state is not None:
         check_same_model(args, state["args"], run.paths["last"])
@@ -141,7 +141,6 @@ def train_retriever(args, rt):
                                                  for w, r in entry["per_world"].items()))
         return entry, entry[key] if args.eval_criterion == "recall" else entry["accuracy"]
 
-    loss_check = LossCheck(args)  # stops the run at a non-finite loss
     for epoch in range(run.epoch, args.epochs):
         negatives = epoch_negatives(
             unwrap(model), train, args.type_cands, args.num_cands, args.cands_ratio,
@@ -154,7 +153,6 @@ def train_retriever(args, rt):
         optimizer.zero_grad(set_to_none=True)
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
-        running, epoch_loss = RunningMean(device), RunningMean(device)
         for i, batch in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=run.quiet)):
             # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
             own, cands, log_q = negatives.batch(batch, generator, rt.rank, rt.world_size)
@@ -169,16 +167,10 @@ def train_retriever(args, rt):
                 with autocast(device, dtype):
                     loss = nce_loss(train_model(*inputs), log_q)  # scores (b, 1 + C), gold first
                 scaler.scale(loss / accum).backward()
-            loss_check.watch(loss, epoch + 1, run.step)
-            running.add(loss)
-            epoch_loss.add(loss)
+            run.batch_loss(loss, epoch)  # a non-finite loss stops the run
             if update:
-                optimizer_step(model, optimizer, scheduler, scaler, args.clip)
-                run.count_step(epoch, running, scheduler)
-        loss_check.flush()  # the last batch's loss, before anything of the epoch is saved
-        clock.lap(f"training, epoch {epoch + 1}")
-        log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, epoch_loss.pop(),
-                 len(batches))
+                run.optimizer_step(model, optimizer, scheduler, scaler, epoch)
+        run.end_training(epoch)
         entry, score = evaluate("val", epoch + 1)
         clock.lap(f"val ranking, epoch {epoch + 1}")
         run.results["val"].append(entry)

@@ -696,6 +696,10 @@ class TrainingRun:
         self.results = results
         self.quiet = args.quiet or not rt.is_main
         self.total_steps = 0
+        self.clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
+        self.loss_check = LossCheck(args)
+        self.running, self.epoch_loss = RunningMean(rt.device), RunningMean(rt.device)
+        self.batches = 0
 
     def optimizers(self, model, num_examples, dtype):
         """(optimizer, scheduler, gradient scaler) for `num_examples` mentions an epoch, from the
@@ -736,14 +740,32 @@ class TrainingRun:
         self.log.info("resumed from %s after epoch %d (step %d)", self.paths["last"], self.epoch,
                       self.step)
 
-    def count_step(self, epoch, running, scheduler):
-        """After an optimizer step: count it; every --logging_steps steps keep and log the mean
-        loss since the last (`running`, a RunningMean)."""
+    def batch_loss(self, loss, epoch):
+        """After a batch's backward pass: its loss is checked (a non-finite loss stops the run,
+        see LossCheck) and averaged for the log."""
+        self.loss_check.watch(loss, epoch + 1, self.step)
+        self.running.add(loss)
+        self.epoch_loss.add(loss)
+        self.batches += 1
+
+    def optimizer_step(self, model, optimizer, scheduler, scaler, epoch):
+        """The update of an accumulation group (optimizer_step: unscale, clip, step, schedule,
+        zero), counted; every --logging_steps steps keep and log the mean loss since the last."""
+        optimizer_step(model, optimizer, scheduler, scaler, self.args.clip)
         self.step += 1
         if self.step % self.args.logging_steps == 0:
-            self.losses.append(running.pop())
+            self.losses.append(self.running.pop())
             self.log.info("epoch %d step %d/%d: loss %.4f lr %.3g", epoch + 1, self.step,
                           self.total_steps, self.losses[-1], scheduler.get_last_lr()[0])
+
+    def end_training(self, epoch):
+        """After an epoch's last batch, before anything of it is saved: check its last loss, log
+        the epoch's mean loss and the stage line."""
+        self.loss_check.flush()
+        self.log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, self.epoch_loss.pop(),
+                      self.batches)
+        self.batches = 0
+        self.clock.lap(f"training, epoch {epoch + 1}")
 
     def checkpoint(self, model, epoch, **training_state):
         return {"script": self.script, "args": recorded_args(self.args),
