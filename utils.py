@@ -803,10 +803,13 @@ class TrainingRun:
         return state["epoch"]
 
     def save_results(self):
-        """`<model>.results.json`: the evaluations, with the run's arguments and its loss per
-        logging step (report.py tabulates and plots them)."""
+        """`<model>.results.json`: the evaluations, with the flags that define the run (not those
+        that may differ on resuming, nor paths) and its loss per logging step (report.py tabulates
+        and plots them)."""
         if self.rt.is_main:
-            write_json({**self.results, "script": self.script, "args": recorded_args(self.args),
+            defining = {k: v for k, v in recorded_args(self.args).items()
+                        if k not in MAY_DIFFER | MAY_MOVE}  # the flags that make the run
+            write_json({**self.results, "script": self.script, "args": defining,
                         "losses": self.losses}, self.paths["results"])
 
 

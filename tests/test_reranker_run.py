@@ -174,7 +174,7 @@ def test_user_errors(toy, cands, tmp_path, capsys):
     torch.save({**state, "script": "main_retriever"}, other + ".last")
     fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
                         "--resume_training"], "--resume_training",
-               "not a checkpoint written by main_reranker.py")
+               "was written by main_retriever.py, not by main_reranker.py")
 
     partial = tmp_path / "partial"
     partial.mkdir()
