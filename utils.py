@@ -41,6 +41,7 @@ def cli_main(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
+            log_to_file(f"error: {e}")
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 os._exit(2)  # the other ranks may be waiting in a collective
             sys.exit(2)
@@ -49,6 +50,15 @@ def cli_main(fn):
         finally:
             end_run()  # Run safety: the lock and the signal handlers
     return wrapper
+
+
+def log_to_file(line):
+    """Write `line` to the run's log file too, when one is open (stderr has it already), so that
+    a log ends with the reason its run stopped."""
+    log = logging.getLogger(f"hard-nce-el.{os.getpid()}")
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1190,6 +1200,7 @@ def stopped(e):
     signum = getattr(e, "signum", signal.SIGINT)
     if os.environ.get("RANK", "0") == "0":
         print(stop_message(signal.Signals(signum).name), file=sys.stderr, flush=True)
+        log_to_file(stop_message(signal.Signals(signum).name))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         end_run()
         os._exit(128 + signum)
