@@ -775,6 +775,7 @@ class TrainingRun:
         self.log.info("epoch %d: mean loss %.4f over %d batches", epoch + 1, self.epoch_loss.pop(),
                       self.batches)
         self.batches = 0
+        self.running.reset()  # a logging window ends with its epoch (a resumed run starts anew)
         self.clock.lap(f"training, epoch {epoch + 1}")
 
     def checkpoint(self, model, epoch, **training_state):
