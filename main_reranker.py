@@ -89,7 +89,7 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def load_split(args, zeshel, tokenizer, split, training):
+def load_split(args, zeshel, tokenizer, split, training, rt=None):
     """A split's CandidateDataset (in evaluation only the mentions whose gold is among the first
     --C_eval candidates) and kept (M,) bool."""
     mentions = zeshel.mentions[split]
@@ -101,7 +101,7 @@ def load_split(args, zeshel, tokenizer, split, training):
                                             args.C if training else args.C_eval, training, path)
     pairs = args.type_model == "full"
     mention_ids, entity_ids, rows = reranker.encode_candidate_windows(
-        tokenizer, zeshel, split, rows, args.L, args.inputmark, pairs)
+        tokenizer, zeshel, split, rows, args.L, args.inputmark, pairs, rt=rt)
     indices = range(len(mentions)) if training else kept.nonzero()[0]
     return reranker.CandidateDataset(indices, rows, mention_ids, entity_ids, args.L, tokenizer,
                                      pairs), kept
@@ -161,7 +161,7 @@ def main(argv=None):
     with_runtime(args, train_reranker)
 
 
-def load_data_and_model(args, log, clock):
+def load_data_and_model(args, log, rt, clock):
     """(the train CandidateDataset, val and test as evaluate takes them, the model)."""
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"), flag="--data")
     check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
@@ -171,11 +171,11 @@ def load_data_and_model(args, log, clock):
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
     check_positions(encoder, args.L, "--L")
-    train, _ = load_split(args, zeshel, tokenizer, "train", training=True)
+    train, _ = load_split(args, zeshel, tokenizer, "train", True, rt)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}
     for split in ("val", "test"):
-        dataset, kept = load_split(args, zeshel, tokenizer, split, training=False)
+        dataset, kept = load_split(args, zeshel, tokenizer, split, False, rt)
         evals[split] = (dataset, kept, [m["corpus"] for m in zeshel.mentions[split]])
         log.info("%s: %d mentions, %d with the gold among the first %d candidates (%.2f%%)", split,
                  len(kept), int(kept.sum()), args.C_eval, 100.0 * kept.mean())
@@ -198,7 +198,7 @@ def train_reranker(args, rt):
         check_same_model(args, state["args"], run.paths["last"])
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
-    train, evals, model = load_data_and_model(args, log, clock)
+    train, evals, model = load_data_and_model(args, log, rt, clock)
     model.to(rt.device)
     optimizer, scheduler, scaler = run.optimizers(model, len(train), dtype)
     run.restore(state, model, optimizer, scheduler, scaler)

@@ -80,7 +80,7 @@ def check_args(args):
     return args
 
 
-def load_data_and_model(args, log, pin, clock):
+def load_data_and_model(args, log, rt, clock):
     """(the tokenized splits the run needs (train only when it trains), the retriever), after
     checking --k and --num_cands against the entity sets and --max_len against the encoder."""
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
@@ -96,7 +96,8 @@ def load_data_and_model(args, log, pin, clock):
                                       args.mention_use_codes, args.entity_use_codes)
     check_positions(model.mention_encoder, args.max_len, "--max_len")
     splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")
-    data = {s: encode_retriever_split(tokenizer, zeshel, s, args.max_len, pin) for s in splits}
+    pin = rt.device.type == "cuda"
+    data = {s: encode_retriever_split(tokenizer, zeshel, s, args.max_len, pin, rt) for s in splits}
     log.info("train %d mentions / %d entities, val %d / %d, test %d / %d",
              *[x for s in ("train", "val", "test")
                for x in (len(zeshel.mentions[s]), len(zeshel.entities(s)))])
@@ -122,7 +123,7 @@ def train_retriever(args, rt):
         check_same_model(args, state["args"], run.paths["last"])
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
-    data, model = load_data_and_model(args, log, pin=device.type == "cuda", clock=clock)
+    data, model = load_data_and_model(args, log, rt, clock)
     train = data.get("train")
     model.to(device)
     optimizer, scheduler, scaler = run.optimizers(model, len(train.golds) if train else 0, dtype)

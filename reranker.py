@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from data_loader import (encode_entities, encode_mentions, pad_rows, reranker_entity_ids,
                          reranker_mention_ids, reranker_pair)
 from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever, paired_interactions
-from utils import die
+from utils import die, gather_shares, shares
 
 # --type_model: the cross-encoder, or a retriever scorer over the same candidates
 TYPE_MODELS = ("full",) + RETRIEVER_SCORERS
@@ -108,6 +108,18 @@ class PackedIds:
     def __getitem__(self, i):
         return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
 
+    def gathered(self, bounds, rt):
+        """Under torchrun, where process r holds rows bounds[r] = (start, end) as this
+        PackedIds: all of them, in every process (utils.gather_shares)."""
+        if rt is None or not rt.distributed:
+            return self
+        lengths = gather_shares(torch.from_numpy(np.diff(self.offsets)), bounds, rt)
+        out = PackedIds([])
+        out.offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+        flat_bounds = [(int(out.offsets[a]), int(out.offsets[b])) for a, b in bounds]
+        out.flat = gather_shares(torch.from_numpy(self.flat), flat_bounds, rt).numpy()
+        return out
+
 
 def _unpadded(ids, mask):
     """Rows of a padded (N, L) id tensor without their padding."""
@@ -115,7 +127,7 @@ def _unpadded(ids, mask):
 
 
 def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
-                             chunk=4096):
+                             chunk=4096, rt=None):
     """The token ids of a split, for the entities its candidates use only.
 
     rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
@@ -124,6 +136,7 @@ def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False,
     windows of L tokens (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows), the
     returned rows indexing entity_ids instead of the EntitySet. Windows are packed `chunk` at a
     time: the Python id lists of a whole split took about ten times the packed arrays' memory.
+    Under torchrun each process tokenizes a share of the windows and every process gets them all.
     """
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
@@ -143,8 +156,10 @@ def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False,
         return _unpadded(*encode_entities(tokenizer, subset, L))
 
     def packed(items, windows):
-        return PackedIds.join([PackedIds(windows(items[s:s + chunk]))
-                               for s in range(0, len(items), chunk)])
+        bounds = shares(len(items), rt)
+        start, end = bounds[rt.rank if rt is not None else 0]
+        return PackedIds.join([PackedIds(windows(items[s:min(s + chunk, end)]))
+                               for s in range(start, end, chunk)]).gathered(bounds, rt)
     return (packed(mentions, mention_windows), packed(used, entity_windows),
             [None if r is None else position[r] for r in rows])
 

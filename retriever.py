@@ -29,6 +29,7 @@ share lives here, once:
 import copy
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 
 from data_loader import (check_tokenizer_fits, encode_entities, encode_mentions, load_tokenizer,
                          model_path_hint)
-from utils import autocast, check_flag, check_positive, die, progress, quiet_transformers
+from utils import (autocast, check_flag, check_positive, die, encode_in_shares, progress,
+                   quiet_transformers)
 
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
 # The pretrained encoder each value of --pre_model (retriever) and --type_bert (reranker) stands
@@ -695,14 +697,18 @@ def check_worlds_hold(zeshel, splits, n, flag):
                        f"{n} is more than the {end - start} entities of {split} world {world}")
 
 
-def encode_retriever_split(tokenizer, zeshel, split, max_len, pin=False):
+def encode_retriever_split(tokenizer, zeshel, split, max_len, pin=False, rt=None):
     """A split's mention and entity windows of `max_len` tokens and its entity bookkeeping, as
-    SplitData (`pin`: in pinned memory, for fast copies to a GPU)."""
+    SplitData (`pin`: in pinned memory, for fast copies to a GPU). Under torchrun each process
+    tokenizes a share of the windows and every process gets them all."""
     mentions = zeshel.mentions[split]
     entities = zeshel.entities(split)
     world_index = {w: i for i, w in enumerate(entities.worlds)}
-    tensors = [*encode_mentions(tokenizer, zeshel, mentions, max_len),
-               *encode_entities(tokenizer, entities, max_len)]
+    tensors = [*encode_in_shares(len(mentions), lambda a, b: encode_mentions(
+                   tokenizer, zeshel, mentions[a:b], max_len), rt),
+               *encode_in_shares(len(entities), lambda a, b: encode_entities(
+                   tokenizer, SimpleNamespace(titles=entities.titles[a:b],
+                                              texts=entities.texts[a:b]), max_len), rt)]
     if pin:
         tensors = [t.pin_memory() for t in tensors]
     return SplitData(entities, *tensors, torch.from_numpy(entities.gold_indices(mentions)),

@@ -121,7 +121,7 @@ def save_candidates(args, rt, weights, producer):
         begin_candidates(args.cands_dir, producer)  # Run safety: incomplete until the manifest
     for split in SPLITS:
         data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
-                                      pin=device.type == "cuda")
+                                      pin=device.type == "cuda", rt=rt)
         clock.lap(f"tokenization, {split}")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,

@@ -310,6 +310,46 @@ def barrier(rt):
         torch.distributed.barrier()
 
 
+def shares(n, rt):
+    """[(start, end)] per process: contiguous shares of range(n) that differ by at most one
+    (one share of everything without torchrun)."""
+    p = rt.world_size if rt is not None else 1
+    return [(n * r // p, n * (r + 1) // p) for r in range(p)]
+
+
+GATHER_ROWS = 1 << 16  # rows of each share per all_gather call (bounds the device memory used)
+
+
+def gather_shares(part, bounds, rt, rows=None):
+    """The CPU tensor whose rows bounds[r] = (start, end) process r holds as its `part`, gathered
+    by every process (through the process's device, as NCCL needs). Without torchrun: `part`."""
+    if rt is None or not rt.distributed:
+        return part
+    rows = rows or GATHER_ROWS
+    out = part.new_empty((bounds[-1][1] - bounds[0][0], *part.shape[1:]))
+    longest = max(end - start for start, end in bounds)
+    for offset in range(0, longest, rows):
+        size = min(rows, longest - offset)
+        mine = part.new_zeros((size, *part.shape[1:]))   # equal sizes for all_gather
+        own = part[offset:offset + size]
+        mine[:len(own)] = own
+        got = [torch.empty_like(mine, device=rt.device) for _ in bounds]
+        torch.distributed.all_gather(got, mine.to(rt.device))
+        for (start, end), g in zip(bounds, got):
+            k = max(0, min(size, end - start - offset))
+            out[start + offset:start + offset + k] = g[:k].cpu()
+    return out
+
+
+def encode_in_shares(n, encode, rt):
+    """The tensors encode(start, end) gives for rows start..end-1 of n, for all n rows: under
+    torchrun each process encodes its share (`shares`) and the shares are gathered, so that
+    tokenizing a split takes 1 / processes of the time (docs/DESIGN.md#training)."""
+    bounds = shares(n, rt)
+    start, end = bounds[rt.rank if rt is not None else 0]
+    return [gather_shares(t, bounds, rt) for t in encode(start, end)]
+
+
 def cleanup_runtime(rt):
     if rt.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

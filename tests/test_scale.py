@@ -117,3 +117,55 @@ def test_loading_tokenization_and_candidates_grow_linearly(scaled, tmp_path):
     # in candidate handling: 2.2
     assert lines_ratio < 1.3, f"Python lines per item grew {lines_ratio:.2f}x from F to 4F"
     assert memory_ratio < 1.3, f"peak memory per item grew {memory_ratio:.2f}x from F to 4F"
+
+
+def _tokenize_in_shares(rank, world_size, init, data_dir, bert_dir, cands_dir, out):
+    """One of `world_size` Gloo processes: the retriever's windows and the reranker's packed ids of
+    the val split, each process tokenizing its share, gathered 3 rows at a time."""
+    import torch
+    import reranker
+    import utils
+    from data_loader import Zeshel, load_tokenizer, read_candidates
+    from retriever import encode_retriever_split
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank,
+                                         world_size=world_size)
+    utils.GATHER_ROWS = 3  # several all_gather rounds, the last one partial
+    rt = utils.Runtime(torch.device("cpu"), rank, rank, world_size)
+    try:
+        tokenizer, zeshel = load_tokenizer(bert_dir), Zeshel(data_dir, ("val",))
+        result = {}
+        for split in ("val",):
+            data = encode_retriever_split(tokenizer, zeshel, split, 16, rt=rt)
+            mentions = zeshel.mentions[split]
+            rows, _ = reranker.candidate_indices(
+                zeshel.entities(split), mentions, read_candidates(cands_dir, split, mentions), 4,
+                False, "candidates")
+            packed = reranker.encode_candidate_windows(tokenizer, zeshel, split, rows, 32, True,
+                                                       True, rt=rt)[:2]
+            result[split] = ([data.mention_ids, data.mention_mask, data.entity_ids,
+                              data.entity_mask], [(p.offsets, p.flat) for p in packed])
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_tokenize_shares_and_all_get_every_window(scaled, tmp_path):
+    """Under torchrun each process tokenizes 1 / P of each split (shares of unequal sizes here) and
+    every process ends with exactly the windows one process makes alone."""
+    import torch
+    import torch.multiprocessing as mp
+    data_dir, bert_dir, _ = scaled[SMALL]
+    cands_dir = write_candidates(data_dir, str(tmp_path / "cands"), 4)
+    out = str(tmp_path / "windows")
+    _tokenize_in_shares(0, 1, f"file://{tmp_path}/store1", data_dir, bert_dir, cands_dir, out)
+    alone = torch.load(f"{out}.0", weights_only=False)
+    mp.spawn(_tokenize_in_shares, (3, f"file://{tmp_path}/store3", data_dir, bert_dir, cands_dir,
+                                   out), nprocs=3)
+    assert [len(tensors[0]) % 3 for tensors, _ in alone.values()] != [0]  # unequal shares
+    for rank in range(3):
+        shared = torch.load(f"{out}.{rank}", weights_only=False)
+        for split, (tensors, packed) in alone.items():
+            for a, b in zip(tensors, shared[split][0]):
+                assert torch.equal(a, b)
+            for (offsets, flat), (o, f) in zip(packed, shared[split][1]):
+                assert (offsets == o).all() and (flat == f).all() and flat.dtype == f.dtype
