@@ -161,6 +161,54 @@ def table(result):
     return "\n".join(lines)
 
 
+def compare(paths):
+    """Markdown tables of several rehearsals' JSON files (--out), one column per scale: per stage
+    wall / CPU seconds, peak RSS and bytes written; then CPU time and its growth between scales."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    runs.sort(key=lambda r: r["scale"])
+    rows = {}  # (script, stage) -> {scale: figures}, in the order first seen
+    for r in runs:
+        for name, script in r["scripts"].items():
+            for s in script["stages"]:
+                rows.setdefault((name, s["stage"]), {})[r["scale"]] = s
+    scales = [r["scale"] for r in runs]
+    head = " | ".join(f"F = {f:g}" for f in scales)
+    lines = ["Per stage: wall / CPU seconds, peak RSS of the process (MB), written (MB); whole "
+             "runs: wall / CPU seconds, peak RSS of the process tree, what the run left on disk.",
+             "", f"| script: stage | {head} |", "|---|" + "---|" * len(runs)]
+    gen = " | ".join(f"{r['generate']['seconds']:.0f} / {r['generate'].get('cpu_s', 0):.0f} s, "
+                     f"{r['generate']['peak_rss_mb']:.0f} MB, {r['generate']['disk_mb']:.0f} MB "
+                     f"on disk" for r in runs)
+    lines.append(f"| toy_world.py --zeshel_scale F | {gen} |")
+    for name in commands("WORK"):
+        whole = [r["scripts"].get(name) for r in runs]
+        lines.append(f"| **{name}** (whole run) | " + " | ".join(
+            "—" if w is None else f"**{w['seconds']:.0f} / {w['cpu_s']:.0f} s, tree "
+            f"{w['peak_tree_rss_mb']:.0f} MB, {w['disk_mb']:.1f} MB on disk**" for w in whole) + " |")
+        for (script, stage), by_scale in rows.items():
+            if script == name:
+                lines.append(f"| {name}: {stage} | " + " | ".join(
+                    "—" if f not in by_scale else
+                    f"{by_scale[f]['seconds']:.1f} / {by_scale[f]['cpu_s']:.1f}, "
+                    f"{by_scale[f]['peak_rss_mb']}, {by_scale[f]['wrote_mb']:.1f}"
+                    for f in scales) + " |")
+    steps = list(zip(scales, scales[1:]))
+    lines += ["", "| script: stage | CPU s at " + " / ".join(f"{f:g}" for f in scales) + " | " +
+              " | ".join(f"growth {a:g} -> {b:g} (x{b / a:g} items)" for a, b in steps) + " |",
+              "|---|---|" + "---:|" * len(steps)]
+    for (name, stage), by_scale in rows.items():
+        cpu = [by_scale[f]["cpu_s"] if f in by_scale else None for f in scales]
+        growth = [f"{y / x:.1f}x" if x is not None and y is not None and x >= 0.5 else "—"
+                  for x, y in zip(cpu, cpu[1:])]
+        lines.append(f"| {name}: {stage} | " + " / ".join("—" if c is None else f"{c:.1f}"
+                                                          for c in cpu) + " | " +
+                     " | ".join(growth) + " |")
+    return "\n".join(lines)
+
+
 def report(work, scale):
     """The stage table of the script outputs found in `work`, finished or not."""
     with open(os.path.join(work, "generate.json")) as f:
@@ -182,14 +230,21 @@ def report(work, scale):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", type=float, required=True, help="F of toy_world.py --zeshel_scale")
-    p.add_argument("--work", required=True, help="scratch folder (world, checkpoints, logs)")
+    p.add_argument("--scale", type=float, help="F of toy_world.py --zeshel_scale (required)")
+    p.add_argument("--work", help="scratch folder (world, checkpoints, logs) (required)")
     p.add_argument("--out", help="JSON file for the figures")
     p.add_argument("--threads", type=int, default=1, help="torch threads per script")
     p.add_argument("--only", default="", help="comma-separated scripts to run (default: all)")
     p.add_argument("--report", action="store_true",
                    help="run nothing: tabulate the stage lines already in WORK (a cut run too)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="run nothing: the tables of bench/SCALE.md from these --out files")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return
+    if args.scale is None or args.work is None:
+        p.error("--scale and --work are required (unless --compare)")
     if args.report:
         print(report(args.work, args.scale))
         return
