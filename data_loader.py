@@ -394,11 +394,13 @@ def in_chunks(n, rows_of, chunk=WINDOW_CHUNK):
 
 
 def pad_rows(rows, max_len, pad_id, n=None):
-    """Id lists as padded (N, max_len) int64 ids and their attention mask (1 for tokens). `rows`
-    may be a generator (such as in_chunks'), `n` then the number it yields."""
+    """Id lists as padded (N, max_len) int32 ids and their uint8 attention mask (1 for tokens):
+    5 bytes a token where int64 took 16 (a process holds every window of the three splits, pinned
+    on a GPU); the models take them as int64 (Retriever._vectors, reranker.collate). `rows` may
+    be a generator (such as in_chunks'), `n` then the number it yields."""
     n = len(rows) if n is None else n
-    ids = np.full((n, max_len), pad_id, dtype=np.int64)   # (N, L)
-    mask = np.zeros((n, max_len), dtype=np.int64)          # (N, L)
+    ids = np.full((n, max_len), pad_id, dtype=np.int32)   # (N, L)
+    mask = np.zeros((n, max_len), dtype=np.uint8)          # (N, L)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
         mask[i, :len(r)] = 1

@@ -244,6 +244,7 @@ class Retriever(nn.Module):
 
     @staticmethod
     def _vectors(encoder, codes, count, ids, mask):
+        ids, mask = ids.long(), mask.long()  # windows are kept as int32 ids and uint8 masks
         hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
         return codes(hidden, mask) if codes is not None else hidden[:, :count]
 
