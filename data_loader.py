@@ -88,9 +88,10 @@ def read_jsonl(path, fields, flag, key=None):
 
 def freeze_objects():
     """Take the objects alive now out of the cyclic garbage collector's sight (gc.freeze), after
-    collecting what is garbage. The loaded documents, mentions and entity index live as long as
-    the run and hold no reference cycles, yet every full collection walked them: at full size those
-    walks took a fifth of the tokenization's CPU time (`bench/SCALE.md`)."""
+    collecting what is garbage. The loaded documents, mentions and entity index (and, when
+    tokenization starts, the model and tokenizer) live as long as the run, yet every full
+    collection walked them: at full size those walks took a fifth of the tokenization's CPU time
+    (`bench/SCALE.md`)."""
     gc.collect()
     gc.freeze()
 

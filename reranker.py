@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from data_loader import (encode_entities, encode_mentions, pad_rows, reranker_entity_ids,
-                         reranker_mention_ids, reranker_pair)
+from data_loader import (encode_entities, encode_mentions, freeze_objects, pad_rows,
+                         reranker_entity_ids, reranker_mention_ids, reranker_pair)
 from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever, paired_interactions
 from utils import die, gather_shares, shares
 
@@ -139,6 +139,7 @@ def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False,
     Under torchrun each process tokenizes a share of the windows and every process gets them all.
     """
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
+    freeze_objects()  # the model and tokenizer too: the collector need not walk them meanwhile
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
     position = np.full(len(entities), -1, dtype=np.int64)
     position[used] = np.arange(len(used))

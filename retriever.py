@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_loader import (check_tokenizer_fits, encode_entities, encode_mentions, load_tokenizer,
-                         model_path_hint)
+from data_loader import (check_tokenizer_fits, encode_entities, encode_mentions, freeze_objects,
+                         load_tokenizer, model_path_hint)
 from utils import (autocast, check_flag, check_positive, die, encode_in_shares, progress,
                    quiet_transformers)
 
@@ -704,6 +704,7 @@ def encode_retriever_split(tokenizer, zeshel, split, max_len, pin=False, rt=None
     tokenizes a share of the windows and every process gets them all."""
     mentions = zeshel.mentions[split]
     entities = zeshel.entities(split)
+    freeze_objects()  # the model and tokenizer too: the collector need not walk them meanwhile
     world_index = {w: i for i, w in enumerate(entities.worlds)}
     tensors = [*encode_in_shares(len(mentions), lambda a, b: encode_mentions(
                    tokenizer, zeshel, mentions[a:b], max_len), rt),
