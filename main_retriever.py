@@ -24,7 +24,7 @@ DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hidde
 import torch
 
 from data_loader import Zeshel
-from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions, check_same_model,
+from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions,
                        check_scorer_args, check_worlds_hold, encode_retriever_split,
                        epoch_negatives, load_retriever, nce_loss, pretrained_name, rank_split,
                        ranking_entry)
@@ -118,9 +118,7 @@ def train_retriever(args, rt):
     run = TrainingRun(SCRIPT, args, rt, log, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
     clock = run.clock
-    state = run.resume_state()
-    if state is not None:
-        check_same_model(args, state["args"], run.paths["last"])
+    state = run.resume_state()  # the flags checked against the saved run's
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     data, model = load_data_and_model(args, log, rt, clock)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from data_loader import (encode_entities, encode_mentions, freeze_objects, pad_rows,
                          reranker_entity_ids, reranker_mention_ids, reranker_pair)
 from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever, paired_interactions
-from utils import die, gather_shares, shares
+from utils import die, encode_in_shares, gather_shares
 
 # --type_model: the cross-encoder, or a retriever scorer over the same candidates
 TYPE_MODELS = ("full",) + RETRIEVER_SCORERS
@@ -157,10 +157,10 @@ def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False,
         return _unpadded(*encode_entities(tokenizer, subset, L))
 
     def packed(items, windows):
-        bounds = shares(len(items), rt)
-        start, end = bounds[rt.rank if rt is not None else 0]
-        return PackedIds.join([PackedIds(windows(items[s:min(s + chunk, end)]))
-                               for s in range(start, end, chunk)]).gathered(bounds, rt)
+        def share(start, end):
+            return [PackedIds.join([PackedIds(windows(items[s:min(s + chunk, end)]))
+                                    for s in range(start, end, chunk)])]
+        return encode_in_shares(len(items), share, rt, PackedIds.gathered)[0]
     return (packed(mentions, mention_windows), packed(used, entity_windows),
             [None if r is None else position[r] for r in rows])
 

@@ -320,12 +320,12 @@ def shares(n, rt):
 GATHER_ROWS = 1 << 16  # rows of each share per all_gather call (bounds the device memory used)
 
 
-def gather_shares(part, bounds, rt, rows=None):
+def gather_shares(part, bounds, rt):
     """The CPU tensor whose rows bounds[r] = (start, end) process r holds as its `part`, gathered
     by every process (through the process's device, as NCCL needs). Without torchrun: `part`."""
     if rt is None or not rt.distributed:
         return part
-    rows = rows or GATHER_ROWS
+    rows = GATHER_ROWS
     out = part.new_empty((bounds[-1][1] - bounds[0][0], *part.shape[1:]))
     longest = max(end - start for start, end in bounds)
     for offset in range(0, longest, rows):
@@ -341,13 +341,14 @@ def gather_shares(part, bounds, rt, rows=None):
     return out
 
 
-def encode_in_shares(n, encode, rt):
-    """The tensors encode(start, end) gives for rows start..end-1 of n, for all n rows: under
-    torchrun each process encodes its share (`shares`) and the shares are gathered, so that
-    tokenizing a split takes 1 / processes of the time (docs/DESIGN.md#training)."""
+def encode_in_shares(n, encode, rt, gather=gather_shares):
+    """What encode(start, end) gives for rows start..end-1 of n (a list of tensors, or of what
+    `gather(part, bounds, rt)` takes), for all n rows: under torchrun each process encodes its
+    share (`shares`) and the shares are gathered, so that tokenizing a split takes 1 / processes
+    of the time (docs/DESIGN.md#training)."""
     bounds = shares(n, rt)
     start, end = bounds[rt.rank if rt is not None else 0]
-    return [gather_shares(t, bounds, rt) for t in encode(start, end)]
+    return [gather(part, bounds, rt) for part in encode(start, end)]
 
 
 def cleanup_runtime(rt):
