@@ -109,6 +109,9 @@ def add_training_args(parser, batch):
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: none)")
     p.add_argument("--simpleoptim", action="store_true", help="plain Adam, constant rate")
+    p.add_argument("--optimizer", default="original", choices=OPTIMIZERS,
+                   help="AdamW as the original (transformers 3.1's), torch.optim.AdamW, or its "
+                        "fused GPU kernel (docs/DESIGN.md#optimizer)")
     p.add_argument("--logging_steps", type=int, default=1000,
                    help="log the mean loss every this many optimizer steps")
     p.add_argument("--seed", type=int, default=42)
@@ -406,8 +409,64 @@ def grad_scaler(device, dtype):
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
-def build_optimizer(model, lr, weight_decay=0.0, adam_epsilon=1e-8, simpleoptim=False):
-    """AdamW with no weight decay for biases and LayerNorm weights; `simpleoptim`: plain Adam."""
+class OriginalAdamW(torch.optim.Optimizer):
+    """The AdamW of transformers 3.1, which the original code trained with (docs/DESIGN.md#optimizer).
+
+    Per step t, for a parameter p with gradient g (m, v start at 0):
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        p = p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        p = p - lr * weight_decay * p          (after the update, from the updated p)
+    It differs from torch.optim.AdamW in two places: epsilon is added to the square root of the
+    uncorrected second moment (torch: of the bias-corrected one), and the decay comes after the
+    update (torch: before). With the paper's eps = 1e-6 the first updates of parameters with small
+    gradients differ by several times.
+
+    >>> p = torch.nn.Parameter(torch.tensor([1.0])); p.grad = torch.tensor([0.5])
+    >>> OriginalAdamW([p], lr=0.1, eps=0.0).step(); round(p.item(), 6)
+    0.9
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = (group["lr"], group["betas"], group["eps"],
+                                              group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                if decay > 0.0:
+                    p.add_(p, alpha=-lr * decay)
+        return loss
+
+
+# --optimizer: the original's algorithm by default; torch's AdamW (and its fused GPU kernel) on
+# request. --simpleoptim (plain Adam, constant rate) overrides it, as in the original.
+OPTIMIZERS = ("original", "torch", "torch_fused")
+
+
+def build_optimizer(model, lr, weight_decay=0.0, adam_epsilon=1e-8, simpleoptim=False,
+                    optimizer="original"):
+    """AdamW with no weight decay for biases and LayerNorm weights (`optimizer`: one of
+    OPTIMIZERS); `simpleoptim`: plain Adam over every parameter."""
     if simpleoptim:
         return torch.optim.Adam(model.parameters(), lr=lr)
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -417,7 +476,9 @@ def build_optimizer(model, lr, weight_decay=0.0, adam_epsilon=1e-8, simpleoptim=
             continue
         (rest if any(nd in name for nd in no_decay) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon)
+    if optimizer == "original":
+        return OriginalAdamW(groups, lr=lr, eps=adam_epsilon)
+    return torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon, fused=optimizer == "torch_fused")
 
 
 def build_scheduler(optimizer, num_training_steps, warmup_proportion=0.1, simpleoptim=False):
@@ -757,7 +818,7 @@ class TrainingRun:
         shared training flags; `model` is on its device."""
         args = self.args
         optimizer = build_optimizer(model, args.lr, args.weight_decay, args.adam_epsilon,
-                                    args.simpleoptim)
+                                    args.simpleoptim, args.optimizer)
         self.total_steps = num_training_steps(num_examples, args.B,
                                               args.gradient_accumulation_steps, args.epochs)
         scheduler = build_scheduler(optimizer, self.total_steps, args.warmup_proportion,
