@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from utils import atomic_open, autocast, cli_main, die
+from run_safety import cli_main
+from utils import atomic_open, autocast, die
 
 # The full Zeshel set (docs/DESIGN.md#data)
 ZESHEL = {"train_mentions": 49275, "train_entities": 332632, "train_worlds": 8,

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from utils import die, notice, quiet_transformers
+from utils import check_flag, die, notice, quiet_transformers
 
 MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
 MARKERS = (MENTION_START, MENTION_END, TITLE_END)
@@ -314,7 +314,19 @@ def reranker_pair(mention_ids, entity_ids, L, cls_id, sep_id, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# The tokenizer and tokenizing (batched, fast tokenizer)
+# The pretrained tokenizer and encoder, and tokenizing (batched, fast tokenizer)
+
+# The pretrained encoder each value of --pre_model (retriever) and --type_bert (reranker) stands
+# for; --pretrained (a folder or hub name) overrides them.
+PRETRAINED = {"--pre_model": {"Bert": "bert-base-uncased", "Roberta": "roberta-base"},
+              "--type_bert": {"base": "bert-base-uncased", "large": "bert-large-uncased"}}
+
+
+def pretrained_name(flag, value, pretrained=None):
+    """`--pretrained` when given, else the model `flag` (--pre_model, --type_bert) = `value`
+    stands for (PRETRAINED)."""
+    return pretrained or PRETRAINED[flag][value]
+
 
 def model_path_hint(name):
     """Why a pretrained folder or hub name `name` could not be loaded, for a one-line error."""
@@ -353,6 +365,31 @@ def check_tokenizer_fits(tokenizer, config, name, flag="--pretrained"):
     if not ids or all(i == tokenizer.unk_token_id for i in ids):
         die(f"{flag}: the tokenizer of {name} reads every word of a plain English sentence as "
             f"unknown (no tokenizer files in the folder?)")
+
+
+def load_encoder(name, tokenizer, flag="--pretrained"):
+    """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
+    embeddings resized when the tokenizer had to add the marker tokens."""
+    from transformers import AutoModel
+    quiet_transformers()
+    try:
+        model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
+    except Exception:
+        try:
+            model = AutoModel.from_pretrained(name)
+        except Exception:
+            die(f"{flag}: {model_path_hint(name)}")
+    check_tokenizer_fits(tokenizer, model.config, name, flag)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def check_positions(encoder, length, flag):
+    """Stop unless windows of `length` tokens fit the encoder's position embeddings."""
+    positions = getattr(encoder.config, "max_position_embeddings", length)
+    check_flag(length <= positions, flag,
+               f"{length} is longer than the encoder's {positions} positions")
 
 
 def _ids(tokenizer, texts, batch_size=4096):
@@ -491,7 +528,7 @@ def summary_lines(zeshel):
 
 def main(argv=None):
     import argparse
-    from utils import cli_main
+    from run_safety import cli_main
 
     @cli_main
     def run():

@@ -23,7 +23,8 @@ import sys
 import time
 
 from toy_world import make_toy_world
-from utils import ArgumentParser, cli_main, die, write_json
+from run_safety import cli_main
+from utils import ArgumentParser, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = 4  # candidates per mention and recall@k: the toy worlds have 72 entities each

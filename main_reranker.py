@@ -31,14 +31,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
-from data_loader import Zeshel, load_tokenizer, read_candidates
-from retriever import (add_scorer_args, check_positions, check_scorer_args,
-                       load_encoder, nce_loss, pretrained_name, PRETRAINED)
-from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
-                   add_training_args, amp_dtype, autocast, check_candidates_manifest, check_flag,
-                   check_positive, check_training_args, cli_main, epoch_generator, gradient_sync,
-                   progress, set_seed, start_run, training_log, update_step, with_runtime,
-                   wrap_for_training)
+from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder, load_tokenizer,
+                         pretrained_name, read_candidates)
+from retriever import add_scorer_args, check_scorer_args, nce_loss
+from run_safety import check_candidates_manifest, cli_main
+from training import TrainingRun, add_training_args, check_training_args, start_training
+from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
+                   check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
 
 SCRIPT = "main_reranker"
 
@@ -99,12 +98,16 @@ def load_split(args, zeshel, tokenizer, split, training, rt=None):
     path = os.path.join(args.cands_dir, f"candidates_{split}.json")
     rows, kept = reranker.candidate_indices(zeshel.entities(split), mentions, cands,
                                             args.C if training else args.C_eval, training, path)
-    pairs = args.type_model == "full"
-    mention_ids, entity_ids, rows = reranker.encode_candidate_windows(
-        tokenizer, zeshel, split, rows, args.L, args.inputmark, pairs, rt=rt)
+    if args.type_model == "full":
+        mention_ids, entity_ids, rows = reranker.encode_pair_windows(
+            tokenizer, zeshel, split, rows, args.L, args.inputmark, rt=rt)
+        dataset = reranker.PairDataset
+    else:
+        mention_ids, entity_ids, rows = reranker.encode_retriever_windows(
+            tokenizer, zeshel, split, rows, args.L, rt=rt)
+        dataset = reranker.WindowDataset
     indices = range(len(mentions)) if training else kept.nonzero()[0]
-    return reranker.CandidateDataset(indices, rows, mention_ids, entity_ids, args.L, tokenizer,
-                                     pairs), kept
+    return dataset(indices, rows, mention_ids, entity_ids, args.L, tokenizer), kept
 
 
 def loader(dataset, batch_size, args, rt, shuffle, epoch=0):
@@ -157,7 +160,7 @@ def describe(entry, eval_method):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    start_run(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    start_training(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
     with_runtime(args, train_reranker)
 
 
@@ -188,53 +191,38 @@ def load_data_and_model(args, log, rt, clock):
 
 def train_reranker(args, rt):
     """Set up, then per epoch: the training loop and val; test at the end."""
-    log = training_log(args, rt)
-    run = TrainingRun(SCRIPT, args, rt, log, {"eval_method": args.eval_method, "val": [],
-                                              "test": None},
+    run = TrainingRun(SCRIPT, args, rt, {"eval_method": args.eval_method, "val": [], "test": None},
                       criterion="acc_unorm", ties_replace=False)
-    clock = run.clock
+    log, clock = run.log, run.clock
     state = run.resume_state()  # the flags checked against the saved run's
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
     train, evals, model = load_data_and_model(args, log, rt, clock)
-    model.to(rt.device)
-    optimizer, scheduler, scaler = run.optimizers(model, len(train), dtype)
-    run.restore(state, model, optimizer, scheduler, scaler)
-    train_model = wrap_for_training(model, rt)
+    train_model = run.start(model.to(rt.device), len(train), dtype, state)
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
-    accum = args.gradient_accumulation_steps
 
     def validate(epoch):
         entry = evaluate(eval_model, evals["val"], args, rt, dtype, epoch)
         clock.lap(f"val evaluation, epoch {epoch}")
         run.results["val"].append(entry)
-        log.info("epoch %d val: %s", epoch, describe(entry, args.eval_method))
-        stop = run.end_epoch(epoch, entry["acc_unorm"], model, optimizer, scheduler, scaler)
-        clock.lap(f"checkpoints, epoch {epoch}")
-        return stop
+        log.info("val epoch %d: %s", epoch, describe(entry, args.eval_method))
+        run.end_epoch(epoch, entry["acc_unorm"])
 
     if args.epochs == 0:  # the untrained model, saved as the best so that test reads it back
         validate(0)
-    for epoch in range(run.epoch, args.epochs):
-        train_model.train()
+    for epoch in run.remaining_epochs():
         batches = loader(train, args.B // rt.world_size, args, rt, shuffle=True, epoch=epoch)
-        for i, (_, *inputs) in enumerate(progress(batches, desc=f"epoch {epoch + 1}",
-                                                  disable=run.quiet)):
-            update = update_step(i, len(batches), accum)
-            with gradient_sync(train_model, rt, update):
+        for _, *inputs in run.batches(batches, epoch):
+            with run.sync():
                 with autocast(rt.device, dtype):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = nce_loss(scores)  # scores (B, C), the gold at 0
-                scaler.scale(loss / accum).backward()
-            run.batch_loss(loss, epoch)  # a non-finite loss stops the run
-            if update:
-                run.optimizer_step(model, optimizer, scheduler, scaler, epoch)
+                run.backward(loss)  # a non-finite loss stops the run
+            run.step()
         run.end_training(epoch)
-        if validate(epoch + 1):
-            return
+        validate(epoch + 1)
 
-    best_epoch = run.load_best(model)
-    run.results["test"] = evaluate(eval_model, evals["test"], args, rt, dtype, best_epoch)
+    run.results["test"] = evaluate(eval_model, evals["test"], args, rt, dtype, run.load_best())
     clock.lap("test evaluation")
     log.info("test: %s", describe(run.results["test"], args.eval_method))
     for world, acc in run.results["test"]["per_world"].items():

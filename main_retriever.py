@@ -23,16 +23,14 @@ DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hidde
 """
 import torch
 
-from data_loader import Zeshel
-from retriever import (PRETRAINED, TYPE_CANDS, add_scorer_args, check_positions,
-                       check_scorer_args, check_worlds_hold, encode_retriever_split,
-                       epoch_negatives, load_retriever, nce_loss, pretrained_name, rank_split,
-                       ranking_entry)
-from utils import (ArgumentParser, TrainingRun, add_compatibility_args, add_data_arg,
-                   add_training_args, amp_dtype, autocast, check_flag, check_positive,
-                   check_training_args, cli_main, epoch_generator, gradient_sync, progress,
-                   set_seed, start_run, training_log, unwrap, update_step, with_runtime,
-                   wrap_for_training)
+from data_loader import PRETRAINED, Zeshel, check_positions, pretrained_name
+from retriever import (TYPE_CANDS, add_scorer_args, check_scorer_args, check_worlds_hold,
+                       encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
+                       rank_split, ranking_entry)
+from run_safety import cli_main
+from training import TrainingRun, add_training_args, check_training_args, start_training
+from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
+                   check_flag, check_positive, epoch_generator, set_seed, unwrap, with_runtime)
 
 SCRIPT = "main_retriever"
 
@@ -108,39 +106,49 @@ def load_data_and_model(args, log, rt, clock):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    start_run(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    start_training(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
     with_runtime(args, train_retriever)
+
+
+@torch.no_grad()
+def evaluate(model, data, args, stream, epoch):
+    """Rank a split's mentions against all its entities: its results.json entry."""
+    pooled, per_world = rank_split(unwrap(model), data, args.k, mention_bsz=args.eval_batchsize,
+                                   **stream)
+    return ranking_entry(pooled, per_world, data, args.k, epoch)
+
+
+def describe(entry, k):
+    key = f"recall@{k}"
+    return (f"{key} {entry[key]:.2f} accuracy {entry['accuracy']:.2f} (per world: macro "
+            f"{entry[f'macro_{key}']:.2f} micro {entry[f'micro_{key}']:.2f}) "
+            + " ".join(f"{w} {r[key]:.2f}" for w, r in entry["per_world"].items()))
 
 
 def train_retriever(args, rt):
     """Set up, then per epoch: the negatives, the training loop and val; test at the end."""
-    log = training_log(args, rt)
-    run = TrainingRun(SCRIPT, args, rt, log, {"k": args.k, "val": [], "test": None},
+    run = TrainingRun(SCRIPT, args, rt, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
-    clock = run.clock
+    log, clock = run.log, run.clock
     state = run.resume_state()  # the flags checked against the saved run's
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     data, model = load_data_and_model(args, log, rt, clock)
     train = data.get("train")
-    model.to(device)
-    optimizer, scheduler, scaler = run.optimizers(model, len(train.golds) if train else 0, dtype)
-    run.restore(state, model, optimizer, scheduler, scaler)
-    train_model = wrap_for_training(model, rt)
+    train_model = run.start(model.to(device), len(train.golds) if train else 0, dtype, state)
     stream = dict(entity_bsz=args.entity_bsz, device=device, dtype=dtype, rt=rt, quiet=run.quiet)
-    key, accum = f"recall@{args.k}", args.gradient_accumulation_steps
 
-    def evaluate(split, epoch):
-        pooled, per_world = rank_split(unwrap(model), data[split], args.k,
-                                       mention_bsz=args.eval_batchsize, **stream)
-        entry = ranking_entry(pooled, per_world, data[split], args.k, epoch)
-        log.info("%s epoch %d: %s %.2f accuracy %.2f (per world: macro %.2f micro %.2f) %s", split,
-                 epoch, key, entry[key], entry["accuracy"], entry[f"macro_{key}"],
-                 entry[f"micro_{key}"], " ".join(f"{w} {r[key]:.2f}"
-                                                 for w, r in entry["per_world"].items()))
-        return entry, entry[key] if args.eval_criterion == "recall" else entry["accuracy"]
+    def validate(epoch):
+        entry = evaluate(model, data["val"], args, stream, epoch)
+        clock.lap(f"val ranking, epoch {epoch}")
+        run.results["val"].append(entry)
+        log.info("val epoch %d: %s", epoch, describe(entry, args.k))
+        run.end_epoch(epoch, entry[f"recall@{args.k}" if args.eval_criterion == "recall"
+                                   else "accuracy"])
 
-    for epoch in range(run.epoch, args.epochs):
+    if args.epochs == 0:  # the zero-shot baseline, saved so that candidates can be dumped from it
+        validate(0)
+    for epoch in run.remaining_epochs():
         negatives = epoch_negatives(
             unwrap(model), train, args.type_cands, args.num_cands, args.cands_ratio,
             smoothing_value=args.smoothing_value, exclude_golds=args.exclude_golds,
@@ -148,11 +156,9 @@ def train_retriever(args, rt):
             mention_bsz=args.mention_bsz, **stream)
         clock.lap(f"negatives, epoch {epoch + 1}")
         generator = epoch_generator(args.seed, epoch)  # the batches and random negatives
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
-        for i, batch in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=run.quiet)):
+        for batch in run.batches(batches, epoch):
             # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
             own, cands, log_q = negatives.batch(batch, generator, rt.rank, rt.world_size)
             b, c = cands.shape
@@ -161,32 +167,18 @@ def train_retriever(args, rt):
                       train.entity_ids[cands.view(-1)].view(b, c, -1).to(**to),
                       train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to))
             log_q = None if log_q is None else log_q.to(**to)
-            update = update_step(i, len(batches), accum)
-            with gradient_sync(train_model, rt, update):
+            with run.sync():
                 with autocast(device, dtype):
                     loss = nce_loss(train_model(*inputs), log_q)  # scores (b, 1 + C), gold first
-                scaler.scale(loss / accum).backward()
-            run.batch_loss(loss, epoch)  # a non-finite loss stops the run
-            if update:
-                run.optimizer_step(model, optimizer, scheduler, scaler, epoch)
+                run.backward(loss)  # a non-finite loss stops the run
+            run.step()
         run.end_training(epoch)
-        entry, score = evaluate("val", epoch + 1)
-        clock.lap(f"val ranking, epoch {epoch + 1}")
-        run.results["val"].append(entry)
-        stop = run.end_epoch(epoch + 1, score, model, optimizer, scheduler, scaler)
-        clock.lap(f"checkpoints, epoch {epoch + 1}")
-        if stop:
-            return
+        validate(epoch + 1)
 
-    if args.epochs == 0:  # the zero-shot baseline, saved so that candidates can be dumped from it
-        entry, score = evaluate("val", 0)
-        run.results["val"] = [entry]
-        run.end_epoch(0, score, model, optimizer, scheduler, scaler)
-    run.results["test"], _ = evaluate("test", run.load_best(model))
+    run.results["test"] = evaluate(model, data["test"], args, stream, run.load_best())
     clock.lap("test ranking")
     run.save_results()
-    log.info("test %s %.2f accuracy %.2f", key, run.results["test"][key],
-             run.results["test"]["accuracy"])
+    log.info("test: %s", describe(run.results["test"], args.k))
 
 
 if __name__ == "__main__":

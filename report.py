@@ -21,7 +21,8 @@ import json
 import os
 import sys
 
-from utils import ArgumentParser, cli_main, die
+from run_safety import cli_main
+from utils import ArgumentParser, die
 
 
 def find_files(paths):

@@ -3,9 +3,9 @@ on the fly, the full cross-encoder (and the retriever scorers over the same cand
 linking accuracies.
 
 - candidates: `prepare_candidates` (pure), `candidate_indices`;
-- inputs: `encode_candidate_windows` (windows of the entities the candidates use, kept as
-  `PackedIds`), `CandidateDataset` (one mention's pairs, or its separate windows, per item),
-  `collate`;
+- inputs, one builder each: `encode_pair_windows` and `PairDataset` for the cross-encoder,
+  `encode_retriever_windows` and `WindowDataset` for the retriever scorers (windows of the
+  entities the candidates use, kept as `PackedIds`; one mention's inputs per item), `collate`;
 - models: `FullRanker` (`--type_model full`), `RetrieverRanker` (dual, multi_vector, poly,
   sum_max: retriever.Retriever's encoders and scorer), `build_ranker`, `gold_on_top`; both return
   scores (B, C), gold first, for `retriever.nce_loss`;
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from data_loader import (encode_entities, encode_mentions, freeze_objects, pad_rows,
                          reranker_entity_ids, reranker_mention_ids, reranker_pair)
-from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever, paired_interactions
+from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever
 from utils import die, encode_in_shares, gather_shares
 
 # --type_model: the cross-encoder, or a retriever scorer over the same candidates
@@ -126,35 +126,18 @@ def _unpadded(ids, mask):
     return [row[:n].tolist() for row, n in zip(ids, mask.sum(1).tolist())]
 
 
-def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False, pairs=True,
-                             chunk=4096, rt=None):
-    """The token ids of a split, for the entities its candidates use only.
-
-    rows: candidate entity indices per mention (candidate_indices). pairs=True (`full`): each
-    mention's reranker window and each entity's text prefix, to be joined into pairs;
-    pairs=False (the retriever scorers): the retriever's `[CLS] window [SEP]` mention and entity
-    windows of L tokens (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows), the
-    returned rows indexing entity_ids instead of the EntitySet. Windows are packed `chunk` at a
-    time: the Python id lists of a whole split took about ten times the packed arrays' memory.
-    Under torchrun each process tokenizes a share of the windows and every process gets them all.
-    """
+def _pack_split(zeshel, split, rows, mention_windows, entity_windows, chunk, rt):
+    """(mention windows, entity windows, rows) of a split: `mention_windows(mentions)` and
+    `entity_windows(entity indices)` give id lists, for the entities the candidates `rows` use
+    only; the returned rows index the entity windows instead of the EntitySet. Windows are packed
+    `chunk` at a time (the Python id lists of a whole split took about ten times the packed
+    arrays' memory); under torchrun each process tokenizes a share and every process gets them
+    all."""
     mentions, entities = zeshel.mentions[split], zeshel.entities(split)
     freeze_objects()  # the model and tokenizer too: the collector need not walk them meanwhile
     used = np.unique(np.concatenate([r for r in rows if r is not None] or [np.zeros(0, np.int64)]))
     position = np.full(len(entities), -1, dtype=np.int64)
     position[used] = np.arange(len(used))
-
-    def mention_windows(part):
-        if pairs:
-            return reranker_mention_ids(tokenizer, zeshel, part, L, inputmark)
-        return _unpadded(*encode_mentions(tokenizer, zeshel, part, L))
-
-    def entity_windows(part):
-        if pairs:
-            return reranker_entity_ids(tokenizer, [entities.texts[i] for i in part], L)
-        subset = SimpleNamespace(titles=[entities.titles[i] for i in part],
-                                 texts=[entities.texts[i] for i in part])
-        return _unpadded(*encode_entities(tokenizer, subset, L))
 
     def packed(items, windows):
         def share(start, end):
@@ -165,40 +148,77 @@ def encode_candidate_windows(tokenizer, zeshel, split, rows, L, inputmark=False,
             [None if r is None else position[r] for r in rows])
 
 
+def encode_pair_windows(tokenizer, zeshel, split, rows, L, inputmark=False, chunk=4096, rt=None):
+    """The cross-encoder's inputs (`--type_model full`), to be joined into pairs by PairDataset:
+    each mention's reranker window and each candidate entity's text prefix
+    (docs/DESIGN.md#reranker). Returns (mention_ids, entity_ids, rows) (_pack_split)."""
+    entities = zeshel.entities(split)
+    return _pack_split(
+        zeshel, split, rows,
+        lambda part: reranker_mention_ids(tokenizer, zeshel, part, L, inputmark),
+        lambda part: reranker_entity_ids(tokenizer, [entities.texts[i] for i in part], L),
+        chunk, rt)
+
+
+def encode_retriever_windows(tokenizer, zeshel, split, rows, L, chunk=4096, rt=None):
+    """The retriever scorers' inputs (dual, multi_vector, poly, sum_max), for WindowDataset: the
+    retriever's `[CLS] window [SEP]` mention and entity windows of L tokens
+    (docs/DESIGN.md#windows). Returns (mention_ids, entity_ids, rows) (_pack_split)."""
+    entities = zeshel.entities(split)
+
+    def entity_windows(part):
+        subset = SimpleNamespace(titles=[entities.titles[i] for i in part],
+                                 texts=[entities.texts[i] for i in part])
+        return _unpadded(*encode_entities(tokenizer, subset, L))
+    return _pack_split(zeshel, split, rows,
+                       lambda part: _unpadded(*encode_mentions(tokenizer, zeshel, part, L)),
+                       entity_windows, chunk, rt)
+
+
 # ----------------------------------------------------------------------------------------------
-# A mention's inputs, built when asked for
+# A mention's inputs, built when asked for: only the windows are kept, never the inputs of a
+# whole split (49,275 x 64 x 256 ids for Zeshel train)
 
 class CandidateDataset(Dataset):
-    """One mention and its candidates (gold first) per item, built when asked for: only the
-    windows are kept, never the pairs of a whole split (49,275 x 64 x 256 ids for Zeshel train).
+    """One mention and its candidates (gold first) per item; `mentions` index rows and
+    mention_ids (the windows of encode_pair_windows or encode_retriever_windows)."""
 
-    pairs=True (`full`): item i is (mention index, ids, token types, mask), each (C_i, L_i): the
-    `[CLS] mention [SEP] entity [SEP]` pairs (data_loader.reranker_pair), cut to the longest.
-    pairs=False: (mention index, mention ids, mention mask (1, L), candidate ids, candidate
-    mask (C_i, L)): separate windows for the retriever scorers, padded to L.
-    """
-
-    def __init__(self, mentions, rows, mention_ids, entity_ids, L, tokenizer, pairs=True):
-        self.mentions = [int(i) for i in mentions]  # indices into rows / mention_ids
+    def __init__(self, mentions, rows, mention_ids, entity_ids, L, tokenizer):
+        self.mentions = [int(i) for i in mentions]
         self.rows, self.mention_ids, self.entity_ids = rows, mention_ids, entity_ids
-        self.L, self.pairs = L, pairs
+        self.L = L
         self.special = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
 
     def __len__(self):
         return len(self.mentions)
 
-    def __getitem__(self, i):
+    def windows(self, i):
+        """(mention index, its window, its candidates' windows)."""
         m = self.mentions[i]
-        window = self.mention_ids[m]
-        entities = [self.entity_ids[e] for e in self.rows[m]]
-        if not self.pairs:  # padded to L, as the retriever's windows: without codes the first
-            # token states are the vectors, padding included, so a batch must not change them
-            pad = self.special[2]
-            return (m, *pad_rows([window], self.L, pad), *pad_rows(entities, self.L, pad))
+        return m, self.mention_ids[m], [self.entity_ids[e] for e in self.rows[m]]
+
+
+class PairDataset(CandidateDataset):
+    """`full`: item i is (mention index, ids, token types, mask), each (C_i, L_i): the
+    `[CLS] mention [SEP] entity [SEP]` pairs (data_loader.reranker_pair), cut to the longest."""
+
+    def __getitem__(self, i):
+        m, window, entities = self.windows(i)
         pairs = [reranker_pair(window, e, self.L, *self.special) for e in entities]
         ids, types, mask = (torch.tensor([p[k] for p in pairs], dtype=torch.long) for k in range(3))
         width = int(mask.sum(1).max())
         return m, ids[:, :width], types[:, :width], mask[:, :width]  # (C_i, L_i) each
+
+
+class WindowDataset(CandidateDataset):
+    """The retriever scorers: item i is (mention index, mention ids, mention mask (1, L),
+    candidate ids, candidate mask (C_i, L)), padded to L as the retriever's windows: without codes
+    the first token states are the vectors, padding included, so a batch must not change them."""
+
+    def __getitem__(self, i):
+        m, window, entities = self.windows(i)
+        pad = self.special[2]
+        return (m, *pad_rows([window], self.L, pad), *pad_rows(entities, self.L, pad))
 
 
 def collate(items):
@@ -262,16 +282,9 @@ class RetrieverRanker(nn.Module):
         self.retriever = retriever
 
     def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
-        """mention_ids, mention_mask (B, 1, L_m); cand_ids, cand_mask (B, C, L_e) -> scores (B, C),
-        float32. A missing candidate (mask all zero) is not encoded and scores -inf."""
-        B, C, L = cand_ids.shape
-        present = cand_mask[:, :, 0].reshape(-1).bool()  # (B*C,)
-        u = self.retriever.mention_vectors(mention_ids[:, 0], mention_mask[:, 0])  # (B, m, d)
-        v = self.retriever.entity_vectors(cand_ids.view(B * C, L)[present],
-                                          cand_mask.view(B * C, L)[present])  # (P, n, d)
-        v = v.new_zeros((B * C, *v.shape[1:])).index_put((present.nonzero().squeeze(-1),), v)
-        scores = self.retriever.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
-        return scores.masked_fill(~present.view(B, C), float("-inf"))  # (B, C)
+        """mention_ids, mention_mask (B, 1, L); cand_ids, cand_mask (B, C, L) -> scores (B, C)
+        (Retriever.forward: a missing candidate scores -inf)."""
+        return self.retriever(mention_ids[:, 0], mention_mask[:, 0], cand_ids, cand_mask)
 
 
 def build_ranker(type_model, encoder, init=0.0, num_mention_vecs=8, num_entity_vecs=8,

@@ -36,16 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_loader import (check_tokenizer_fits, encode_entities, encode_mentions, freeze_objects,
-                         load_tokenizer, model_path_hint)
-from utils import (autocast, check_flag, check_positive, die, encode_in_shares, progress,
-                   quiet_transformers)
+from data_loader import (encode_entities, encode_mentions, freeze_objects, load_encoder,
+                         load_tokenizer)
+from utils import autocast, check_flag, check_positive, encode_in_shares, progress
 
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
-# The pretrained encoder each value of --pre_model (retriever) and --type_bert (reranker) stands
-# for; --pretrained (a folder or hub name) overrides them.
-PRETRAINED = {"--pre_model": {"Bert": "bert-base-uncased", "Roberta": "roberta-base"},
-              "--type_bert": {"base": "bert-base-uncased", "large": "bert-large-uncased"}}
 # Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n elements of the
 # vectors' dtype): 1 GB in bfloat16 on a GPU, 64 MB of float32 on a CPU.
 SCORE_BLOCK_ELEMENTS = {"cuda": 2 ** 29, "cpu": 2 ** 24}
@@ -260,47 +255,21 @@ class Retriever(nn.Module):
         """The scores of each mention's candidates (gold first, for `nce_loss`).
 
         mention_ids, mention_mask: (B, L); cand_ids, cand_mask: (B, C, L), all B C candidate
-        windows encoded in one forward -> (B, C) float32.
+        windows encoded in one forward -> (B, C) float32. A missing candidate (a mask all zero:
+        the reranker's mentions with fewer than C) is not encoded and scores -inf.
         """
         B, C, L = cand_ids.shape
-        u = self.mention_vectors(mention_ids, mention_mask)                        # (B, m, d)
-        v = self.entity_vectors(cand_ids.view(B * C, L), cand_mask.view(B * C, L))
-        return self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))    # (B, C)
+        present = cand_mask[:, :, 0].reshape(-1).bool()                              # (B*C,)
+        u = self.mention_vectors(mention_ids, mention_mask)                          # (B, m, d)
+        v = self.entity_vectors(cand_ids.view(B * C, L)[present],
+                                cand_mask.view(B * C, L)[present])                   # (P, n, d)
+        v = v.new_zeros((B * C, *v.shape[1:])).index_put((present.nonzero().squeeze(-1),), v)
+        scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
+        return scores.masked_fill(~present.view(B, C), float("-inf"))               # (B, C)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained encoders
-
-def pretrained_name(flag, value, pretrained=None):
-    """`--pretrained` when given, else the model `flag` (--pre_model, --type_bert) = `value`
-    stands for (PRETRAINED)."""
-    return pretrained or PRETRAINED[flag][value]
-
-
-def load_encoder(name, tokenizer, flag="--pretrained"):
-    """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
-    embeddings resized when the tokenizer had to add the marker tokens."""
-    from transformers import AutoModel
-    quiet_transformers()
-    try:
-        model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
-    except Exception:
-        try:
-            model = AutoModel.from_pretrained(name)
-        except Exception:
-            die(f"{flag}: {model_path_hint(name)}")
-    check_tokenizer_fits(tokenizer, model.config, name, flag)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model
-
-
-def check_positions(encoder, length, flag):
-    """Stop unless windows of `length` tokens fit the encoder's position embeddings."""
-    positions = getattr(encoder.config, "max_position_embeddings", length)
-    check_flag(length <= positions, flag,
-               f"{length} is longer than the encoder's {positions} positions")
-
+# The retriever of a pretrained encoder
 
 def check_same_model(args, trained, path):
     """Stop unless a checkpoint trained with the arguments `trained` holds the model that these

@@ -16,15 +16,15 @@ for the original's command line and do nothing: entity vectors are streamed, nev
 """
 import os
 
-from data_loader import Zeshel
-from retriever import (PRETRAINED, TYPE_MODELS, add_scorer_args, check_same_model,
-                       check_worlds_hold, encode_retriever_split, load_retriever, pretrained_name,
-                       rank_split, recall_ks, recall_table)
-from utils import (ArgumentParser, add_compatibility_args, add_data_arg, add_precision_args,
-                   amp_dtype, begin_candidates, candidates_producer, check_candidates_overwrite,
-                   check_flag, check_positive, cli_main, finish_candidates, get_logger,
-                   load_run_checkpoint, load_weights, log_args, StageClock, start_run, with_runtime,
-                   write_json, write_jsonl)
+from data_loader import PRETRAINED, Zeshel, pretrained_name
+from retriever import (TYPE_MODELS, add_scorer_args, check_same_model, check_worlds_hold,
+                       encode_retriever_split, load_retriever, rank_split, recall_ks, recall_table)
+from run_safety import (begin_candidates, candidates_producer, check_candidates_overwrite,
+                        check_finite_flags, check_output_dir, cli_main, finish_candidates,
+                        load_run_checkpoint, load_weights, start_run)
+from utils import (ArgumentParser, StageClock, add_compatibility_args, add_data_arg,
+                   add_precision_args, amp_dtype, check_flag, check_positive, get_logger, log_args,
+                   with_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 # Read from the checkpoint when not given
@@ -92,7 +92,10 @@ def main(argv=None):
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
-    start_run(args, "save_candidates")  # Run safety: --cands_dir writable, its lock, signals
+    check_finite_flags(args)  # run safety: flags, --cands_dir writable, its lock, signals
+    check_output_dir(args.cands_dir, "--cands_dir")
+    start_run(os.path.join(args.cands_dir, "candidates.lock"), "--cands_dir",
+              folder=args.cands_dir)
     state = load_run_checkpoint(args.model, "main_retriever")
     resolve_shape(args, state["args"])
     producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates

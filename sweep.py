@@ -26,7 +26,8 @@ import shlex
 import subprocess
 import sys
 
-from utils import ArgumentParser, check_flag, cli_main, die, write_json
+from run_safety import cli_main
+from utils import ArgumentParser, check_flag, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

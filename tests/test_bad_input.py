@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_script, write_candidates
 from test_user_errors import BASE, SCRIPTS, flags_argv, run_in_process, snapshot
-from utils import finish_candidates
+from run_safety import finish_candidates
 
 DATA_FLAG = {"R": "--data_dir", "S": "--data_dir", "K": "--data"}
 M, D = "mentions", "documents"

@@ -109,14 +109,6 @@ def test_compatibility_flags_do_nothing_and_say_so(capsys):
                                      "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
 
 
-@pytest.mark.parametrize("module", [main_retriever, main_reranker])
-def test_stop_after_epoch_is_hidden(module, capsys):
-    with pytest.raises(SystemExit):
-        module.parse_args(["--help"])
-    out = capsys.readouterr().out
-    assert "--stop_after_epoch" not in out and "--fp16" in out
-
-
 def test_scorer_choices_come_from_the_registry():
     import reranker
     from retriever import SCORERS

@@ -53,7 +53,7 @@ def test_pair_encoding_hand_worked(tiny):
     tokenizer, zeshel = tiny
     L = 16  # mention budget (16 - 3) // 2 = 6 pieces, entity budget 16 - 3 - 6 = 7
     rows = [np.array([0, 1])] * 3
-    plain, marked = (reranker.encode_candidate_windows(tokenizer, zeshel, "train", rows, L, mark)
+    plain, marked = (reranker.encode_pair_windows(tokenizer, zeshel, "train", rows, L, mark)
                      for mark in (False, True))
     # mention 0: rest = 6 - 1 = 5, half = ceil(5 / 2) = 3 left pieces, then the right side
     assert tokens(tokenizer, plain[0][0]) == ["lc", "ld", "le", "mm", "ra", "rb"]
@@ -68,7 +68,7 @@ def test_pair_encoding_hand_worked(tiny):
     assert tokens(tokenizer, plain[1][0]) == ["ea", "eb", "ec", "ed", "ee", "ef", "eg"]
     assert tokens(tokenizer, plain[1][1]) == ["ez"]
 
-    dataset = reranker.CandidateDataset([0], plain[2], plain[0], plain[1], L, tokenizer)
+    dataset = reranker.PairDataset([0], plain[2], plain[0], plain[1], L, tokenizer)
     m, ids, types, mask = dataset[0]
     assert m == 0 and ids.shape == types.shape == mask.shape == (2, L)
     assert tokens(tokenizer, ids[0].tolist()) == (
@@ -84,10 +84,10 @@ def test_pair_encoding_hand_worked(tiny):
 def test_collate_pads_rows_and_cuts_length(tiny):
     tokenizer, zeshel = tiny
     L = 40
-    mention_ids, entity_ids, _ = reranker.encode_candidate_windows(
+    mention_ids, entity_ids, _ = reranker.encode_pair_windows(
         tokenizer, zeshel, "train", [np.array([0, 1])] * 3, L, False)
     rows = [np.array([1]), np.array([0, 1, 1])]  # mention 0: one candidate, mention 1: three
-    dataset = reranker.CandidateDataset([0, 1], rows, mention_ids, entity_ids, L, tokenizer)
+    dataset = reranker.PairDataset([0, 1], rows, mention_ids, entity_ids, L, tokenizer)
     index, ids, types, mask = reranker.collate([dataset[0], dataset[1]])
     assert index.tolist() == [0, 1]
     # L = 40: mention budget 18 (mention 0: 11 pieces, mention 1: 8), entity budget 19 (E1: 9,
@@ -187,8 +187,8 @@ def test_missing_candidates_score_minus_inf_and_mask_is_used(ranker):
 
 def test_windows_for_the_retriever_scorers(tiny):
     tokenizer, zeshel = tiny
-    mention_ids, entity_ids, rows = reranker.encode_candidate_windows(
-        tokenizer, zeshel, "train", [np.array([1, 0]), None, np.array([4])], 12, pairs=False)
+    mention_ids, entity_ids, rows = reranker.encode_retriever_windows(
+        tokenizer, zeshel, "train", [np.array([1, 0]), None, np.array([4])], 12)
     assert [r.tolist() if r is not None else None for r in rows] == [[1, 0], None, [2]]
     # the retriever's windows (docs/DESIGN.md#windows; budget 10, rest 10 - 1 - 2 = 7, half 3
     # left pieces):
@@ -196,8 +196,7 @@ def test_windows_for_the_retriever_scorers(tiny):
     assert tokens(tokenizer, mention_ids[0]) == ["[CLS]", "lc", "ld", "le", MENTION_START, "mm",
                                                  MENTION_END, "ra", "rb", "rc", "rd", "[SEP]"]
     assert tokens(tokenizer, entity_ids[1]) == ["[CLS]", "nb", "[unused2]", "ez", "[SEP]"]
-    dataset = reranker.CandidateDataset([0], rows, mention_ids, entity_ids, 12, tokenizer,
-                                        pairs=False)
+    dataset = reranker.WindowDataset([0], rows, mention_ids, entity_ids, 12, tokenizer)
     m, ids, mask, cand_ids, cand_mask = dataset[0]
     assert ids.shape == mask.shape == (1, 12) and cand_ids.shape == cand_mask.shape == (2, 12)
     assert cand_mask.sum(1).tolist() == [5, 12]

@@ -68,24 +68,10 @@ def test_two_epochs_raise_val_recall_well_above_the_untrained_baseline(runs):
     state = torch.load(runs["trained"], weights_only=True)
     assert state["args"]["type_model"] == "sum_max" and state["epoch"] == trained["test"]["epoch"]
     # one checkpoint schema for both trainers, naming the script that wrote it
-    from utils import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
+    from run_safety import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
     last = torch.load(str(runs["trained"]) + ".last", weights_only=True)
     assert set(state) == set(CHECKPOINT_KEYS) and set(last) == set(TRAINING_STATE_KEYS)
     assert state["script"] == last["script"] == "main_retriever" and last["epoch"] == 2
-
-
-def test_resumed_run_ends_where_the_uninterrupted_one_does(toy, runs):
-    model = runs["folder"] / "resumed.pt"
-    train(toy, model, "--epochs", "2", "--stop_after_epoch", "1")
-    halfway = results(model)
-    assert len(halfway["val"]) == 1 and halfway["test"] is None
-    assert torch.load(str(model) + ".last", weights_only=True)["epoch"] == 1
-    train(toy, model, "--epochs", "2", "--resume_training")
-    assert results(model) == results(runs["trained"])
-    a = torch.load(str(model) + ".last", weights_only=True)
-    b = torch.load(str(runs["trained"]) + ".last", weights_only=True)
-    assert a["step"] == b["step"] and a["losses"] == b["losses"]
-    assert all(torch.equal(a["model"][n], b["model"][n]) for n in b["model"])
 
 
 def test_save_candidates_ranks_each_world_as_scoring_by_hand(toy, runs):

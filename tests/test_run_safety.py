@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+import run_safety
+import training
 import utils
 from conftest import ROOT, run_script, write_candidates
 from test_user_errors import BASE, SCRIPTS, flags_argv, run_in_process
@@ -139,12 +141,12 @@ def test_killed_save_candidates_leaves_a_folder_the_reranker_refuses(paths, tmp_
 def test_save_candidates_stops_at_the_lock_of_its_folder(paths, tmp_path, capfd):
     cands = tmp_path / "cands"
     lock = str(cands / "candidates.lock")
-    fd = utils.take_lock(lock, "--cands_dir")  # another run holds the folder
+    fd = run_safety.take_lock(lock, "--cands_dir")  # another run holds the folder
     try:
         r = run_script("save_candidates.py", "--model", str(tmp_path / "any.pt"), "--data_dir",
                        paths["data"], "--cands_dir", str(cands))
     finally:
-        utils.release_lock(lock, fd)
+        run_safety.release_lock(lock, fd)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lock in lines[0] and f"pid {os.getpid()}" in lines[0]
@@ -157,15 +159,15 @@ def test_a_signal_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, m
     path = str(tmp_path / "candidates_val.json")
     utils.write_jsonl([{"mention_id": "a", "candidates": ["x"]}], path)
     old = open(path, "rb").read()
-    monkeypatch.setitem(utils._RUN, "pid", os.getpid())
-    previous = signal.signal(signal.SIGTERM, utils._on_signal)
+    monkeypatch.setitem(run_safety._RUN, "pid", os.getpid())
+    previous = signal.signal(signal.SIGTERM, run_safety._on_signal)
     try:
         def rows():
             for i in range(1000):
                 if i == 500:
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield {"mention_id": str(i), "candidates": ["y"] * 10}
-        with pytest.raises(utils.Stopped) as e:
+        with pytest.raises(run_safety.Stopped) as e:
             utils.write_jsonl(rows(), path)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -177,7 +179,7 @@ def test_a_signal_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, m
 def test_loss_check_stops_at_the_first_non_finite_loss_naming_the_step_and_flags():
     class Args:
         lr, fp16, clip = 2e5, True, 0.0
-    check = utils.LossCheck(Args)
+    check = training.LossCheck(Args)
     check.watch(torch.tensor(1.5), 1, 0)
     check.watch(torch.tensor(float("nan")), 1, 1)  # checked at the next watch, or flush
     with pytest.raises(utils.UserError) as e:

@@ -96,7 +96,7 @@ def linear_work(data_dir, bert_dir, cands_dir):
             cands = read_candidates(cands_dir, split, mentions)
             rows, _ = reranker.candidate_indices(zeshel.entities(split), mentions, cands, 4,
                                                  split == "train", "candidates")
-            reranker.encode_candidate_windows(tokenizer, zeshel, split, rows, 32, True, True)
+            reranker.encode_pair_windows(tokenizer, zeshel, split, rows, 32, True)
             items += len(zeshel.entities(split)) + len(mentions)
     finally:
         sys.settrace(None)
@@ -140,8 +140,8 @@ def _tokenize_in_shares(rank, world_size, init, data_dir, bert_dir, cands_dir, o
             rows, _ = reranker.candidate_indices(
                 zeshel.entities(split), mentions, read_candidates(cands_dir, split, mentions), 4,
                 False, "candidates")
-            packed = reranker.encode_candidate_windows(tokenizer, zeshel, split, rows, 32, True,
-                                                       True, rt=rt)[:2]
+            packed = reranker.encode_pair_windows(tokenizer, zeshel, split, rows, 32, True,
+                                                  rt=rt)[:2]
             result[split] = ([data.mention_ids, data.mention_mask, data.entity_ids,
                               data.entity_mask], [(p.offsets, p.flat) for p in packed])
         torch.save(result, f"{out}.{rank}")

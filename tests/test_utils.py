@@ -6,6 +6,7 @@ from unittest import mock
 import pytest
 import torch
 
+import training
 import utils
 
 
@@ -58,18 +59,18 @@ def test_docstring_examples_run():
 
 def test_best_checkpoint_tie_rule():
     # the retriever keeps the later epoch on a tie, the reranker the earlier one
-    assert utils.improved(90.0, 90.0, ties_replace=True)
-    assert not utils.improved(90.0, 90.0, ties_replace=False)
+    assert training.improved(90.0, 90.0, ties_replace=True)
+    assert not training.improved(90.0, 90.0, ties_replace=False)
     for ties_replace in (True, False):
-        assert utils.improved(90.5, 90.0, ties_replace)
-        assert not utils.improved(89.5, 90.0, ties_replace)
-        assert utils.improved(0.0, float("-inf"), ties_replace)
+        assert training.improved(90.5, 90.0, ties_replace)
+        assert not training.improved(89.5, 90.0, ties_replace)
+        assert training.improved(0.0, float("-inf"), ties_replace)
 
 
 def test_linear_warmup_then_decay():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = utils.build_scheduler(opt, num_training_steps=10, warmup_proportion=0.2)
+    sched = training.build_scheduler(opt, num_training_steps=10, warmup_proportion=0.2)
     rates = []
     for _ in range(10):
         rates.append(sched.get_last_lr()[0])
@@ -82,7 +83,7 @@ def test_no_decay_for_biases_and_layer_norm():
     from transformers import BertConfig, BertModel
     model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
                                  num_attention_heads=2, intermediate_size=16))
-    opt = utils.build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    opt = training.build_optimizer(model, lr=1e-3, weight_decay=0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
