@@ -27,16 +27,18 @@ from datetime import datetime, timezone
 
 import torch
 
+from recipe import RERANKER, RETRIEVER, SCORERS, ZESHEL, value
 from run_safety import cli_main
 from utils import atomic_open, autocast, die
 
-# The full Zeshel set (docs/DESIGN.md#data)
-ZESHEL = {"train_mentions": 49275, "train_entities": 332632, "train_worlds": 8,
-          "val_mentions": 10000, "val_entities": 89549, "val_worlds": 4,
-          "test_mentions": 10000, "test_entities": 70140, "test_worlds": 4}
-# The paper recipe (the original's command lines, README.md#reproducing-the-paper)
-RECIPE = {"max_len": 128, "vecs": 128, "retriever_B": 16, "num_cands": 64, "reranker_B": 2,
-          "reranker_C": 64, "L": 256, "retriever_epochs": 4, "reranker_epochs": 3}
+# The paper recipe's sizes (recipe.py: the original's command lines; max_len, C and L are the
+# scripts' defaults, which those lines keep)
+RECIPE = {"max_len": 128, "vecs": value(SCORERS["sum_max"], "--num_entity_vecs", int),
+          "retriever_B": value(RETRIEVER, "--B", int),
+          "num_cands": value(RETRIEVER, "--num_cands", int),
+          "reranker_B": value(RERANKER, "--B", int), "reranker_C": 64, "L": 256,
+          "retriever_epochs": value(RETRIEVER, "--epochs", int),
+          "reranker_epochs": value(RERANKER, "--epochs", int)}
 # FLOPs of a training step in forward passes: the forward (1) and the backward (2, gradients of
 # both the activations and the weights)
 TRAIN_STEP_FORWARDS = 3

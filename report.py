@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from recipe import (HARD_SHARES, PAPER_TEST_RECALL, PAPER_VAL_RECALL, PEER_ACCURACY,
+                    PEER_RECALL, SCORERS, split_flags)
 from run_safety import cli_main
 from utils import ArgumentParser, die
 
@@ -189,17 +191,10 @@ def candidate_rows(runs):
 # ----------------------------------------------------------------------------------------------
 # The paper's tables: this project's runs beside the published numbers
 
-PAPER_TEST_RECALL = 89.62  # sum-of-max, mixed negatives (p = 50%): Zeshel test recall@64
-HARD_SHARES = (0, 25, 50, 75, 100)  # p: share of hard negatives among --num_cands, %
-PAPER_VAL_RECALL = {  # the appendix: val recall@64 by scorer and p
-    "dual": (91.08, 92.18, 91.75, 92.24, 92.05),
-    "multi_vector": (91.13, 92.74, 92.76, 93.41, 93.27),
-    "sum_max": (92.51, 94.13, 94.66, 94.37, 94.54)}
 SCORER_NAMES = {"dual": "dual", "multi_vector": "multi-vector (8)", "sum_max": "sum-of-max"}
-PAPER_SETTING = {"dual": {}, "multi_vector": {"num_entity_vecs": 8},  # vectors of the paper's runs
-                 "sum_max": {"num_mention_vecs": 128, "num_entity_vecs": 128}}
-PEER_RECALL = [("BLINK bi-encoder", 82.06), ("MuVER", 89.69)]
-PEER_ACCURACY = {"base": 61.34, "large": 63.03}  # BLINK cross-encoder, unnormalized macro
+# The vector counts of the paper's runs (recipe.SCORERS; a count of 1 is the scorer's own)
+PAPER_SETTING = {scorer: {g[0][2:]: int(g[1]) for g in split_flags(flags)[1:] if g[1] != "1"}
+                 for scorer, flags in SCORERS.items()}
 
 
 def hard_share(args):

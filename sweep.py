@@ -26,31 +26,12 @@ import shlex
 import subprocess
 import sys
 
+from recipe import CANDIDATES, HARD_SHARES, RERANKER, RETRIEVER, SCORERS, merge, split_flags
 from run_safety import cli_main
 from utils import ArgumentParser, check_flag, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# The README's command lines (the original's), without --gpus (the machine's choice) and without
-# --store_en_hiddens / --en_hidden_path (entity vectors are streamed: nothing to store).
-RETRIEVER = ["--B", "16", "--gradient_accumulation_steps", "2", "--logging_steps", "1000",
-             "--k", "64", "--epochs", "4", "--lr", "0.00001", "--num_cands", "64",
-             "--type_cands", "mixed_negative", "--cands_ratio", "0.5", "--entity_bsz", "4096",
-             "--mention_bsz", "200"]
-CANDIDATES = ["--pre_model", "Bert", "--type_model", "sum_max", "--num_mention_vecs", "128",
-              "--num_entity_vecs", "128", "--entity_bsz", "1024", "--mention_bsz", "200",
-              "--num_cands", "64"]
-RERANKER = ["--B", "2", "--gradient_accumulation_steps", "2", "--num_workers", "2",
-            "--warmup_proportion", "0.2", "--epochs", "3", "--lr", "2e-5", "--eval_method", "macro",
-            "--type_model", "full", "--type_bert", "base", "--inputmark"]
-# The appendix: each scorer at p = 0, 25, 50, 75, 100% hard negatives among --num_cands
-# (--cands_ratio is the share of random ones, 1 - p), the other values as the main retriever's.
-SCORERS = {"dual": ["--type_model", "dual", "--num_mention_vecs", "1", "--num_entity_vecs", "1"],
-           "multi_vector": ["--type_model", "multi_vector", "--num_mention_vecs", "1",
-                            "--num_entity_vecs", "8"],
-           "sum_max": ["--type_model", "sum_max", "--num_mention_vecs", "128",
-                       "--num_entity_vecs", "128"]}
-HARD_SHARES = (0, 25, 50, 75, 100)
 SCRIPTS = ("main_retriever.py", "save_candidates.py", "main_reranker.py")
 
 
@@ -107,32 +88,6 @@ def appendix_runs(out, data_dir):
 
 
 RECIPES = {"paper": paper_runs, "appendix": appendix_runs}
-
-
-def merge(args, flags):
-    """`args` with each flag of `flags` set: its value replaced where `args` has it, else appended.
-    merge(["--a", "1", "--b"], ["--a", "2", "--c"]) == ["--a", "2", "--b", "--c"]."""
-    groups = split_flags(args)
-    for group in split_flags(flags):
-        names = [g[0] for g in groups]
-        if group[0] in names:
-            groups[names.index(group[0])] = group
-        else:
-            groups.append(group)
-    return [token for group in groups for token in group]
-
-
-def split_flags(tokens):
-    """["--a", "1", "--b", "--c", "x"] -> [["--a", "1"], ["--b"], ["--c", "x"]]."""
-    groups = []
-    for token in tokens:
-        if token.startswith("--") or not groups:
-            check_flag(token.startswith("--"), token,
-                       "extra arguments must be flags (--name value)")
-            groups.append([token.split("=", 1)[0]] + token.split("=", 1)[1:])
-        else:
-            groups[-1].append(token)
-    return groups
 
 
 def script_flags(script):

@@ -21,6 +21,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # recipe.py
 
 # (flag, value in the README's line, value here, why): what CPU compute forces.
 CHANGES = [
@@ -42,30 +43,27 @@ CHANGES = [
 
 
 def commands(work, python=sys.executable):
-    """The three command lines, as the README has them but for CHANGES."""
+    """The three command lines, as the README has them (recipe.py, with the original's --gpus and
+    entity-vector flags) but for CHANGES."""
+    from recipe import CANDIDATES, RERANKER, RETRIEVER, SCORERS, merge
     data, bert = os.path.join(work, "data"), os.path.join(work, "bert")
-    hidden = os.path.join(work, "en_hidden")
-    retriever = [python, "main_retriever.py", "--model", os.path.join(work, "ret.pt"),
-                 "--data_dir", data, "--B", "16", "--gradient_accumulation_steps", "2",
-                 "--logging_steps", "1000", "--k", "64", "--epochs", "1", "--lr", "0.00001",
-                 "--num_cands", "8", "--type_cands", "mixed_negative", "--cands_ratio", "0.5",
-                 "--gpus", "3,4,5,7", "--type_model", "sum_max", "--num_mention_vecs", "1",
-                 "--num_entity_vecs", "1", "--store_en_hiddens", "--en_hidden_path", hidden,
-                 "--entity_bsz", "4096", "--mention_bsz", "200",
-                 "--pretrained", bert, "--max_len", "16", "--quiet"]
-    candidates = [python, "save_candidates.py", "--model", os.path.join(work, "ret.pt"),
-                  "--data_dir", data, "--pre_model", "Bert", "--type_model", "sum_max",
-                  "--num_mention_vecs", "1", "--num_entity_vecs", "1", "--entity_bsz", "1024",
-                  "--mention_bsz", "200", "--store_en_hiddens", "--en_hidden_path", hidden,
-                  "--num_cands", "16", "--cands_dir", os.path.join(work, "cands"), "--gpus", "0",
-                  "--pretrained", bert, "--quiet"]
-    reranker = [python, "main_reranker.py", "--model", os.path.join(work, "rr.pt"), "--data", data,
-                "--B", "2", "--gradient_accumulation_steps", "2", "--num_workers", "2",
-                "--warmup_proportion", "0.2", "--epochs", "1", "--gpus", "5", "--lr", "2e-5",
-                "--cands_dir", os.path.join(work, "cands"), "--eval_method", "macro",
-                "--type_model", "full", "--type_bert", "base", "--inputmark",
-                "--pretrained", bert, "--L", "32", "--C", "4", "--C_eval", "4", "--quiet"]
-    return {"main_retriever": retriever, "save_candidates": candidates, "main_reranker": reranker}
+    hidden = ["--store_en_hiddens", "--en_hidden_path", os.path.join(work, "en_hidden")]
+    tiny = ["--pretrained", bert, "--quiet"]
+    retriever = merge(RETRIEVER + SCORERS["sum_max"] + ["--gpus", "3,4,5,7"] + hidden,
+                      ["--epochs", "1", "--num_cands", "8", "--num_mention_vecs", "1",
+                       "--num_entity_vecs", "1", "--max_len", "16"] + tiny)
+    candidates = merge(CANDIDATES + hidden + ["--gpus", "0"],
+                       ["--num_mention_vecs", "1", "--num_entity_vecs", "1", "--num_cands", "16",
+                        "--cands_dir", os.path.join(work, "cands")] + tiny)
+    reranker = merge(RERANKER + ["--gpus", "5"],
+                     ["--epochs", "1", "--cands_dir", os.path.join(work, "cands"), "--L", "32",
+                      "--C", "4", "--C_eval", "4"] + tiny)
+    return {"main_retriever": [python, "main_retriever.py", "--model", os.path.join(work, "ret.pt"),
+                               "--data_dir", data] + retriever,
+            "save_candidates": [python, "save_candidates.py", "--model",
+                                os.path.join(work, "ret.pt"), "--data_dir", data] + candidates,
+            "main_reranker": [python, "main_reranker.py", "--model", os.path.join(work, "rr.pt"),
+                              "--data", data] + reranker}
 
 
 def _tree_rss_kb(root_pid):

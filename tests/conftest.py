@@ -8,30 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-# The long end-to-end checks (each 10 s or more on 2 cores): marked slow, so that `make test`
-# stays within minutes; `make test-slow` runs them, and CI runs both.
-SLOW = (
-    "test_reranker_run.py::test_one_epoch_of_a_real_bert_beats_chance",
-    "test_reranker_run.py::test_resume_ends_as_uninterrupted",
-    "test_reranker_run.py::test_fp16_runs_on_cpu",
-    "test_reranker_run.py::test_retriever_scorer_runs_over_the_candidates",
-    "test_retriever_run.py::test_resumed_run_ends_where_the_uninterrupted_one_does",
-    "test_retriever_run.py::test_save_candidates_ranks_each_world_as_scoring_by_hand",
-    "test_distributed.py::",
-    "test_crash_safety.py::test_killed_run_resumes_to_the_uninterrupted_results",
-    "test_run_safety.py::test_killed_save_candidates_leaves_a_folder_the_reranker_refuses",
-    "test_run_safety.py::test_signal_stops_cleanly_and_resume_continues",
-    "test_run_safety.py::test_a_loss_gone_non_finite_after_a_saved_epoch_leaves_it_intact",
-    "test_sweep.py::test_tiny_sweep_runs_skips_finished_and_resumes_interrupted",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if any(name in item.nodeid for name in SLOW):
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """The bundled toy world, built once per test session: (data_dir, bert_dir)."""

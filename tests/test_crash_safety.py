@@ -67,6 +67,7 @@ def wait_for_epoch_2_training(proc, model, timeout=240):
                          f"{proc.stderr.read()[-3000:] if proc.poll() is not None else ''}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["retriever", "reranker"])
 def test_killed_run_resumes_to_the_uninterrupted_results(paths, tmp_path, which):
     whole, cut = str(tmp_path / "whole" / "m.pt"), str(tmp_path / "cut" / "m.pt")

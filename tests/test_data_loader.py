@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import run_script
-from data_loader import (EntitySet, Zeshel, encode_entities, encode_mentions, prefix_pieces,
+from data_loader import (Zeshel, encode_entities, encode_mentions, prefix_pieces,
                          read_candidates, reranker_entity_ids, reranker_mention_ids,
                          reranker_pair, retriever_entity_window, retriever_mention_window,
                          reranker_mention_window, load_tokenizer)

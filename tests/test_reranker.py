@@ -99,11 +99,6 @@ def test_collate_pads_rows_and_cuts_length(tiny):
     assert ids[0, 1:].sum() == 0 and types[0, 1:].sum() == 0  # the missing candidates
 
 
-def test_docstring_examples_run():
-    import doctest
-    assert doctest.testmod(reranker).failed == 0
-
-
 def test_prepare_candidates():
     cands = ["a", "b", "g", "c", "d"]
     assert reranker.prepare_candidates(cands, "g", 4, training=True) == ["g", "a", "b", "c"]

@@ -76,6 +76,7 @@ def test_learns_well_above_chance(whole):
     assert os.path.isfile(whole + ".log")
 
 
+@pytest.mark.slow
 def test_fp16_runs_on_cpu(toy, cands, tmp_path):
     model = str(tmp_path / "fp16.pt")
     out = run_script("main_reranker.py", *common(toy, cands, model), "--L", 16, "--B", 16,
@@ -87,6 +88,7 @@ def test_fp16_runs_on_cpu(toy, cands, tmp_path):
     check_entry(results["test"], ["frost_fjord", "granite_bay"])
 
 
+@pytest.mark.slow
 def test_one_epoch_of_a_real_bert_beats_chance(toy, cands, tmp_path):
     """One epoch is too little for the tiny random BERT (it stays near chance); a small pretrained
     BERT (MiniLM, the bert-base-uncased vocabulary: word pieces, [unused0] markers) learns the
@@ -108,6 +110,7 @@ def test_one_epoch_of_a_real_bert_beats_chance(toy, cands, tmp_path):
     assert val["acc_norm"] >= 4 * chance and test["acc_norm"] >= 4 * chance
 
 
+@pytest.mark.slow
 def test_retriever_scorer_runs_over_the_candidates(toy, cands, tmp_path):
     model = str(tmp_path / "multi.pt")
     out = run_script("main_reranker.py", *common(toy, cands, model), "--type_model", "multi_vector",

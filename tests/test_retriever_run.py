@@ -74,6 +74,7 @@ def test_two_epochs_raise_val_recall_well_above_the_untrained_baseline(runs):
     assert state["script"] == last["script"] == "main_retriever" and last["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_save_candidates_ranks_each_world_as_scoring_by_hand(toy, runs):
     from data_loader import Zeshel
     from retriever import all_pairs_interactions, encode_retriever_split, load_retriever

@@ -63,6 +63,7 @@ def leftovers(folder):
             if n.endswith((".tmp", ".lock"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,sig", [("R", signal.SIGTERM), ("K", signal.SIGINT)])
 def test_signal_stops_cleanly_and_resume_continues(paths, tmp_path, capfd, script, sig):
     model = str(tmp_path / "m.pt")
@@ -99,6 +100,7 @@ def test_signal_stops_cleanly_and_resume_continues(paths, tmp_path, capfd, scrip
     assert not leftovers(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_killed_save_candidates_leaves_a_folder_the_reranker_refuses(paths, tmp_path, capfd):
     """SIGKILL after the folder is marked incomplete: the reranker stops naming the manifest; the
     same command again completes the folder, and the reranker takes it."""
@@ -203,6 +205,7 @@ def test_a_diverging_run_stops_with_nothing_saved(paths, tmp_path, capfd, script
     assert sorted(n for n in os.listdir(tmp_path) if ".log" not in n) == []
 
 
+@pytest.mark.slow
 def test_a_loss_gone_non_finite_after_a_saved_epoch_leaves_it_intact(paths, tmp_path, capfd):
     """Resuming a state whose weights hold an inf (as a diverging epoch 2 would): the run stops
     in epoch 2 and the checkpoint, state and results of epoch 1 are those on disk before."""

@@ -105,6 +105,7 @@ def results(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(toy, tmp_path, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per run on a shared machine
