@@ -122,9 +122,6 @@ class EntitySet:
     def __len__(self):
         return len(self.doc_ids)
 
-    def world_of(self, i):
-        return self.worlds[self.world_ids[i]]
-
     def gold_indices(self, mentions):
         """Entity index of each mention's label document, (M,) int64."""
         return np.asarray([self.index[(m["corpus"], m["label_document_id"])] for m in mentions],
@@ -420,11 +417,6 @@ def prefix_ids(tokenizer, texts, n_pieces, batch_size=4096):
                 again.append(i)
         todo, width = again, width * 2
     return out
-
-
-def prefix_pieces(tokenizer, texts, n_pieces):
-    """`prefix_ids` as word-piece strings."""
-    return [tokenizer.convert_ids_to_tokens(p) for p in prefix_ids(tokenizer, texts, n_pieces)]
 
 
 def marker_ids(tokenizer):

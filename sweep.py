@@ -32,7 +32,6 @@ from utils import ArgumentParser, check_flag, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-SCRIPTS = ("main_retriever.py", "save_candidates.py", "main_reranker.py")
 
 
 class Run:

@@ -332,10 +332,10 @@ def free_log_path(model_path):
     return path
 
 
-def get_logger(model_path=None, is_main=True, name="hard-nce-el"):
+def get_logger(model_path=None, is_main=True):
     """A logger printing to stdout and to a new `<model>.log` (main process only; others log
     nothing but warnings)."""
-    logger = logging.getLogger(f"{name}.{os.getpid()}")
+    logger = logging.getLogger(f"hard-nce-el.{os.getpid()}")
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import run_script
-from data_loader import (Zeshel, encode_entities, encode_mentions, prefix_pieces,
+from data_loader import (Zeshel, encode_entities, encode_mentions, prefix_ids,
                          read_candidates, reranker_entity_ids, reranker_mention_ids,
                          reranker_pair, retriever_entity_window, retriever_mention_window,
                          reranker_mention_window, load_tokenizer)
@@ -116,7 +116,7 @@ def test_toy_world_loads_with_stable_indices(toy):
     assert starts == sorted(starts) and ea.world_ranges[ea.worlds[-1]][1] == len(ea)
     gold = ea.gold_indices(a.mentions["train"])
     for m, g in zip(a.mentions["train"], gold):
-        assert ea.doc_ids[g] == m["label_document_id"] and ea.world_of(g) == m["corpus"]
+        assert ea.doc_ids[g] == m["label_document_id"] and ea.worlds[ea.world_ids[g]] == m["corpus"]
     assert set(a.entities("val").worlds).isdisjoint(ea.worlds)
 
 
@@ -185,13 +185,18 @@ def test_real_sample_entity_windows_and_prefix_tokenization(bert_vocab_tokenizer
         assert pieces[:len(title) + 2] == ["[CLS]"] + title + [U2]
         whole = tok.tokenize(ents.texts[i])
         assert pieces[len(title) + 2:-1] == whole[:128 - 3 - len(title)]
-    assert prefix_pieces(tok, ents.texts, 300) == [tok.tokenize(t)[:300] for t in ents.texts]
+    assert pieces_of(tok, prefix_ids(tok, ents.texts, 300)) == [tok.tokenize(t)[:300]
+                                                               for t in ents.texts]
 
 
 def test_prefix_tokenization_widens_past_empty_words(bert_vocab_tokenizer):
     tok = bert_vocab_tokenizer
     texts = ["\u200b " * 10 + "alpha beta gamma", "one two", ""]
-    assert prefix_pieces(tok, texts, 3) == [tok.tokenize(t)[:3] for t in texts]
+    assert pieces_of(tok, prefix_ids(tok, texts, 3)) == [tok.tokenize(t)[:3] for t in texts]
+
+
+def pieces_of(tokenizer, ids):
+    return [tokenizer.convert_ids_to_tokens(p) for p in ids]
 
 
 # ---------------------------------------------------------------- bad input

@@ -60,7 +60,8 @@ def test_paper_recipe_chains_the_three_scripts_and_passes_flags_to_those_that_ta
     assert len(lines) == 3
     words = [shlex.split(line) for line in lines]
     head = ["torchrun", "--standalone", "--nproc_per_node", "4"]
-    assert [w[:5] for w in words] == [head + [s] for s in sweep.SCRIPTS]
+    assert [w[:5] for w in words] == [head + [s] for s in ("main_retriever.py",
+                                                        "save_candidates.py", "main_reranker.py")]
 
     def value(w, flag):
         return w[w.index(flag) + 1] if flag in w else None
