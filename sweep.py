@@ -35,8 +35,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class Run:
-    """One command line of a recipe: `script` with `args`; done when `done_file` holds a finished
-    result; resumable when `last` exists (None: the script cannot resume)."""
+    """One command line of a recipe: `script` with `args`; resumable when `last` exists (None:
+    the script cannot resume). Done when `done_file` exists and, for a training run (one with
+    `last`), holds the test evaluation (save_candidates.py writes recall.json after the
+    candidates)."""
 
     def __init__(self, name, script, args, done_file, last=None):
         self.name, self.script, self.args = name, script, args
@@ -45,7 +47,7 @@ class Run:
     def done(self):
         if not os.path.isfile(self.done_file):
             return False
-        if self.script == "save_candidates.py":  # recall.json is written after the candidates
+        if self.last is None:
             return True
         try:
             with open(self.done_file) as f:
