@@ -2,8 +2,7 @@
 be right, outputs that cannot be written or belong to another run, resuming with other flags, a
 tokenizer that does not fit its encoder, candidates folders that changed. Each ends with exit
 status 2 and one line on stderr naming the file and line or the flag, before any training, and
-leaves the output folder as it was (the contract of test_user_errors.py, whose helpers this file
-uses)."""
+leaves the output folder as it was (the contract of test_user_errors.py)."""
 import json
 import os
 import re
@@ -12,11 +11,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_script, write_candidates
-from test_user_errors import BASE, SCRIPTS, flags_argv, run_in_process, snapshot
+from conftest import (BASE, DATA_FLAG, SCRIPTS, flags_argv, run_in_process, run_script, snapshot,
+                      write_candidates)
 from run_safety import finish_candidates
 
-DATA_FLAG = {"R": "--data_dir", "S": "--data_dir", "K": "--data"}
 M, D = "mentions", "documents"
 
 

@@ -5,35 +5,16 @@ allowed).
 
 The table runs each script's main() in this process (a subprocess costs seconds of imports per
 row); `test_real_processes` checks the same contract on three rows run as real processes."""
-import hashlib
-import importlib
 import json
 import os
 import re
 import shutil
-import warnings
 
 import pytest
 import torch
 
-from conftest import run_script, write_candidates
-
-SCRIPTS = {"R": "main_retriever.py", "S": "save_candidates.py", "K": "main_reranker.py"}
-
-# Flags of a run that would work; a row changes some (None: leave the flag out). Tiny sizes: the
-# retriever checkpoint of the fixture trains one epoch on random negatives in a few seconds.
-RETRIEVER = {"--max_len": 16, "--k": 8, "--num_cands": 4, "--type_cands": "random_negative",
-             "--type_model": "sum_max", "--num_mention_vecs": 4, "--num_entity_vecs": 4,
-             "--B": 8, "--epochs": 1, "--quiet": True}
-BASE = {
-    "R": {"--model": "{out}/m.pt", "--data_dir": "{data}", "--pretrained": "{bert}", **RETRIEVER},
-    "S": {"--model": "{ckpt}", "--data_dir": "{data}", "--cands_dir": "{out}/cands",
-          "--num_cands": 8, "--quiet": True},
-    "K": {"--model": "{out}/m.pt", "--data": "{data}", "--cands_dir": "{cands}",
-          "--pretrained": "{bert}", "--C": 4, "--C_eval": 4, "--L": 32, "--B": 8, "--epochs": 1,
-          "--quiet": True},
-}
-DATA_FLAG = {"R": "--data_dir", "S": "--data_dir", "K": "--data"}
+from conftest import (BASE, DATA_FLAG, SCRIPTS, flags_argv, run_in_process, run_script, snapshot,
+                      write_candidates)
 
 
 def rows():
@@ -119,48 +100,6 @@ def world(toy, tmp_path_factory):
                 "model": {"score.weight": torch.zeros(1, 64), "score.bias": torch.zeros(1)},
                 "epoch": 1, "best_score": 0.0}, bad / "reranker.pt")
     return paths
-
-
-def flags_argv(flags, paths):
-    argv = []
-    for flag, value in flags.items():
-        if value is None or value is False:
-            continue
-        argv.append(flag)
-        if value is not True:
-            argv.append(str(value).format(**paths))
-    return argv
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file under `folder` but logs."""
-    files = {}
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            if re.search(r"\.log(\.\d+)?$", name):
-                continue
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return files
-
-
-def run_in_process(script, argv, capfd):
-    """(exit status, stderr lines, stdout) of `script`'s main(argv). Warnings a plain `python`
-    run would print count as stderr lines."""
-    module = importlib.import_module(script[:-len(".py")])
-    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            module.main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out, err = capfd.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
-    lines += [f"warning: {w.message}" for w in caught if not issubclass(w.category, hidden)]
-    return code, lines, out
 
 
 @pytest.mark.parametrize("case,script,changes,copies,words", rows(), ids=[r[0] for r in rows()])
