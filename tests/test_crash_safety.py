@@ -3,17 +3,13 @@ leaves only whole files (checkpoints load, results parse, no temporary file) and
 --resume_training, ends with the same results as an uninterrupted run with the same seed; for the
 retriever and the reranker. And the writers behind every output file (utils.write_json,
 write_jsonl, save_checkpoint) never show a partial file, even when the writing fails half-way."""
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script, write_candidates
+from conftest import ROOT, log_says, read_json, run_script, start_script, wait_for
 
 # Tiny runs of two epochs of 54 batches; a loss line every 10 steps tells when epoch 2 trains.
 RUNS = {
@@ -27,44 +23,10 @@ RUNS = {
         "--C_eval", 4, "--L", 32, "--B", 8, "--lr", 1e-3, "--epochs", 2, "--logging_steps", 10,
         "--inputmark", "--quiet"]),
 }
-ENV = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-           TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(scope="module")
-def paths(toy, tmp_path_factory):
-    data, bert = toy
-    return {"data": data, "bert": bert,
-            "cands": write_candidates(data, str(tmp_path_factory.mktemp("cands")), 4)}
-
-
-def command(which, model, paths):
-    script, flags = RUNS[which]
-    return [sys.executable, os.path.join(ROOT, script), "--model", model,
-            *(str(f).format(**paths) for f in flags)]
-
-
-def start(cmd):
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=ROOT)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def wait_for_epoch_2_training(proc, model, timeout=240):
-    """Wait until epoch 1's checkpoint is saved and the log shows a loss of epoch 2."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(model + ".last") and os.path.exists(model + ".log"):
-            with open(model + ".log") as f:
-                if "epoch 2 step" in f.read():
-                    return
-        time.sleep(0.02)
-    raise AssertionError(f"epoch 2 never started training (exit {proc.poll()}): "
-                         f"{proc.stderr.read()[-3000:] if proc.poll() is not None else ''}")
+def argv(which, model, paths):
+    return ["--model", model, *(str(f).format(**paths) for f in RUNS[which][1])]
 
 
 @pytest.mark.slow
@@ -73,10 +35,13 @@ def test_killed_run_resumes_to_the_uninterrupted_results(paths, tmp_path, which)
     whole, cut = str(tmp_path / "whole" / "m.pt"), str(tmp_path / "cut" / "m.pt")
     os.makedirs(os.path.dirname(whole))
     os.makedirs(os.path.dirname(cut))
-    reference = start(command(which, whole, paths))  # the uninterrupted run, alongside
-    proc = start(command(which, cut, paths))
+    script = RUNS[which][0]
+    reference = start_script(script, *argv(which, whole, paths))  # uninterrupted, alongside
+    proc = start_script(script, *argv(which, cut, paths))
     try:
-        wait_for_epoch_2_training(proc, cut)
+        # epoch 1's checkpoint saved, and a loss of epoch 2 in the log
+        wait_for(proc, lambda: os.path.exists(cut + ".last") and log_says(cut, "epoch 2 step")(),
+                 "epoch 2 training", timeout=240)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
@@ -89,7 +54,7 @@ def test_killed_run_resumes_to_the_uninterrupted_results(paths, tmp_path, which)
         halfway = read_json(cut + ".results.json")
         assert [e["epoch"] for e in halfway["val"]] == [1] and halfway["test"] is None
 
-        out = run_script(RUNS[which][0], *command(which, cut, paths)[2:], "--resume_training")
+        out = run_script(script, *argv(which, cut, paths), "--resume_training")
         assert out.returncode == 0, out.stderr[-3000:]
     finally:
         if proc.poll() is None:  # the test failed before the kill

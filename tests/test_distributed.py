@@ -12,13 +12,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, SCRIPT_ENV, run_script
 
 pytestmark = pytest.mark.slow  # real torchrun processes
-
-ENV = {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
 
 def free_port():
     with socket.socket() as s:
@@ -29,7 +25,7 @@ def free_port():
 def torchrun(script, *args, nproc=2, nnodes=1, timeout=600):
     """Run `script` under torchrun: `nproc` processes on one node, or `nnodes` nodes of one
     process each, all on 127.0.0.1. Returns the CompletedProcess of node 0 (all must succeed)."""
-    env = dict(os.environ, **ENV)
+    env = {**os.environ, **SCRIPT_ENV}
     base = [sys.executable, "-m", "torch.distributed.run"]
     script_args = [os.path.join(ROOT, script), *map(str, args)]
     if nnodes == 1:
@@ -64,7 +60,7 @@ def trained(toy, tmp_path_factory):
     model = str(out / "ret.pt")
     ok(run_script("main_retriever.py", "--model", model, "--data_dir", data_dir, "--pretrained",
                   bert_dir, "--epochs", 1, "--B", 8, "--lr", 1e-3, "--num_cands", 8,
-                  "--cands_ratio", 0.5, *RETRIEVER, env=ENV))
+                  "--cands_ratio", 0.5, *RETRIEVER))
     with open(model + ".results.json") as f:
         return model, json.load(f)
 
@@ -85,7 +81,7 @@ def candidates_args(toy, model, folder):
 @pytest.fixture(scope="module")
 def single_candidates(toy, trained, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("cands_single"))
-    ok(run_script("save_candidates.py", *candidates_args(toy, trained[0], folder), env=ENV))
+    ok(run_script("save_candidates.py", *candidates_args(toy, trained[0], folder)))
     return read_candidates_dir(folder)
 
 
@@ -125,11 +121,11 @@ def test_retriever_distributed_close_to_single(toy, trained, tmp_path, nodes):
 def test_reranker_two_processes_close_to_single(toy, trained, single_candidates, tmp_path):
     data_dir, bert_dir = toy
     cands = str(tmp_path / "cands")
-    ok(run_script("save_candidates.py", *candidates_args(toy, trained[0], cands), env=ENV))
+    ok(run_script("save_candidates.py", *candidates_args(toy, trained[0], cands)))
     common = ["--data", data_dir, "--cands_dir", cands, "--pretrained", bert_dir, "--L", 48,
               "--C", 8, "--C_eval", 8, "--B", 4, "--lr", 1e-3, "--epochs", 1, "--quiet"]
     single, dist = str(tmp_path / "single.pt"), str(tmp_path / "dist.pt")
-    ok(run_script("main_reranker.py", "--model", single, *common, env=ENV))
+    ok(run_script("main_reranker.py", "--model", single, *common))
     ok(torchrun("main_reranker.py", "--model", dist, *common, nproc=2))
     with open(single + ".results.json") as f:
         a = json.load(f)

@@ -1,12 +1,14 @@
 """main_reranker.py end to end on the toy world: it learns, --fp16 runs on a CPU, a stopped run
 resumes to the same metrics, and user mistakes end in one line with status 2."""
+import functools
 import json
 import os
 
 import pytest
 import torch
 
-from conftest import run_script, write_candidates
+import main_reranker
+from conftest import fails_with, read_results, run_script, write_candidates
 
 C = 8
 
@@ -20,11 +22,6 @@ def common(toy, cands, model):
     data_dir, bert_dir = toy
     return ["--model", model, "--data", data_dir, "--cands_dir", cands, "--pretrained", bert_dir,
             "--C", C, "--C_eval", C, "--quiet"]
-
-
-def read_results(model):
-    with open(model + ".results.json") as f:
-        return json.load(f)
 
 
 # The tiny random BERT stays near chance for an epoch or two (it first has to learn to attend from
@@ -125,52 +122,41 @@ def test_retriever_scorer_runs_over_the_candidates(toy, cands, tmp_path):
     assert state["model"]["retriever.entity_codes.codes"].shape[0] == 4
 
 
-def fails_with(capsys, argv, *words):
-    import main_reranker
-    with pytest.raises(SystemExit) as e:
-        main_reranker.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2
-    assert "\n" not in err and err.startswith("error: "), err
-    for w in words:
-        assert w in err, err
-    return err
-
-
 def test_user_errors(toy, cands, tmp_path, capsys):
     data_dir, bert_dir = toy
     model = str(tmp_path / "m.pt")
     base = ["--model", model, "--pretrained", bert_dir, "--quiet"]
-    fails_with(capsys, base + ["--cands_dir", cands], "--data")
-    fails_with(capsys, ["--data", data_dir, "--cands_dir", cands], "--model")
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--C", 0], "--C")
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--L", 8], "--L")
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", cands, "--resume_training"],
-               "--resume_training", model + ".last")
+    fails = functools.partial(fails_with, main_reranker.main, capsys)
+    fails(base + ["--cands_dir", cands], "--data")
+    fails(["--data", data_dir, "--cands_dir", cands], "--model")
+    fails(base + ["--data", data_dir, "--cands_dir", cands, "--C", 0], "--C")
+    fails(base + ["--data", data_dir, "--cands_dir", cands, "--L", 8], "--L")
+    fails(base + ["--data", data_dir, "--cands_dir", cands, "--resume_training"],
+          "--resume_training", model + ".last")
 
     other = str(tmp_path / "other.pt")
     state = {k: {} for k in ("model", "optimizer", "scheduler", "scaler", "rng", "results")}
     torch.save({**state, "script": "main_reranker", "args": {"type_model": "dual"}, "epoch": 1,
                 "step": 1, "losses": [], "best_score": 0.0}, other + ".last")
-    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
-                        "--resume_training"], "--type_model", "dual")
+    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
+           "--resume_training"], "--type_model", "dual")
     torch.save({"script": "main_reranker", "model": {}}, other + ".last")
-    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
-                        "--resume_training"], "--resume_training", "not a whole training state")
+    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
+           "--resume_training"], "--resume_training", "not a whole training state")
     torch.save({**state, "script": "main_retriever"}, other + ".last")
-    fails_with(capsys, ["--model", other, "--data", data_dir, "--cands_dir", cands,
-                        "--resume_training"], "--resume_training",
-               "was written by main_retriever.py, not by main_reranker.py")
+    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
+           "--resume_training"], "--resume_training",
+          "was written by main_retriever.py, not by main_reranker.py")
 
     partial = tmp_path / "partial"
     partial.mkdir()
     with open(os.path.join(cands, "candidates_train.json")) as f:
         lines = f.readlines()
     (partial / "candidates_train.json").write_text("".join(lines))
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
-               "--cands_dir", str(partial / "candidates_val.json"))
+    fails(base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
+          "--cands_dir", str(partial / "candidates_val.json"))
 
     (partial / "candidates_train.json").write_text("".join(lines[:5] + lines[6:]))
     missing = json.loads(lines[5])["mention_id"]
-    fails_with(capsys, base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
-               str(partial / "candidates_train.json"), missing)
+    fails(base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
+          str(partial / "candidates_train.json"), missing)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import read_results, run_script
 
 # Small windows (16 tokens: the mention and its nearest words fall among the first 8 states),
 # 8 negatives of which half mined; k = 8 of the 144 entities of val.
@@ -15,21 +15,12 @@ TRAIN = ["--max_len", "16", "--num_cands", "8", "--k", "8", "--type_model", "sum
          "--cands_ratio", "0.5", "--B", "8", "--lr", "1e-3", "--quiet"]
 
 
-# One thread per run: on a shared 2-core machine, two spinning threads made the runs 3x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
 def train(toy, model, *extra, env=None):
     data_dir, bert_dir = toy
     r = run_script("main_retriever.py", "--model", model, "--data_dir", data_dir,
-                   "--pretrained", bert_dir, *TRAIN, *extra, env={**ONE_THREAD, **(env or {})})
+                   "--pretrained", bert_dir, *TRAIN, *extra, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def results(model):
-    with open(str(model) + ".results.json") as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def check_entry(entry, k, worlds, mentions):
 
 
 def test_two_epochs_raise_val_recall_well_above_the_untrained_baseline(runs):
-    base, trained = results(runs["baseline"]), results(runs["trained"])
+    base, trained = read_results(runs["baseline"]), read_results(runs["trained"])
     assert base["k"] == trained["k"] == 8
     assert [e["epoch"] for e in base["val"]] == [0] and base["test"]["epoch"] == 0
     assert [e["epoch"] for e in trained["val"]] == [1, 2] and trained["test"]["epoch"] in (1, 2)
@@ -82,7 +73,7 @@ def test_save_candidates_ranks_each_world_as_scoring_by_hand(toy, runs):
     cands_dir = runs["folder"] / "cands"
     r = run_script("save_candidates.py", "--model", runs["trained"], "--data_dir", data_dir,
                    "--cands_dir", cands_dir, "--num_cands", "8", "--entity_bsz", "20",
-                   "--mention_bsz", "50", "--quiet", env=ONE_THREAD)
+                   "--mention_bsz", "50", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "micro" in r.stdout and "R@8" in r.stdout
     zeshel = Zeshel(data_dir, ("train", "val", "test"))
@@ -141,7 +132,7 @@ def test_user_errors_are_one_line_naming_the_flag(toy, runs, script, args, flag)
     else:
         cmd = ["--model", runs["trained"], "--data_dir", data_dir, "--cands_dir",
                runs["folder"] / "bad_cands", "--quiet", *args]
-    r = run_script(script, *cmd, env=ONE_THREAD)
+    r = run_script(script, *cmd)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), r.stderr

@@ -6,9 +6,6 @@ non-finite loss stops the run with nothing of the epoch saved."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,46 +13,12 @@ import torch
 import run_safety
 import training
 import utils
-from conftest import ROOT, run_script, write_candidates
-from test_user_errors import BASE, SCRIPTS, flags_argv, run_in_process
+from conftest import (BASE, SCRIPTS, flags_argv, log_says, run_in_process, run_script,
+                      start_script, wait_for)
 
-ENV = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-           TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
 # Two epochs of 18 batches, a loss line every 5 steps: "epoch 2 step" in the log means that
 # epoch 1 is saved and epoch 2 is training.
 LONG = {"--epochs": 2, "--B": 24, "--logging_steps": 5, "--lr": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def paths(toy, tmp_path_factory):
-    data, bert = toy
-    return {"data": data, "bert": bert,
-            "cands": write_candidates(data, str(tmp_path_factory.mktemp("cands")), 4)}
-
-
-def start(script, argv):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPTS[script]), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=ROOT)
-
-
-def wait_for(proc, condition, what, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} never happened (exit {proc.poll()}): "
-                         f"{proc.stderr.read()[-3000:] if proc.poll() is not None else ''}")
-
-
-def log_says(model, words):
-    def check():
-        if not os.path.exists(model + ".log"):
-            return False
-        with open(model + ".log") as f:
-            return words in f.read()
-    return check
 
 
 def leftovers(folder):
@@ -68,7 +31,7 @@ def leftovers(folder):
 def test_signal_stops_cleanly_and_resume_continues(paths, tmp_path, capfd, script, sig):
     model = str(tmp_path / "m.pt")
     argv = flags_argv({**BASE[script], **LONG, "--model": model}, {**paths, "out": str(tmp_path)})
-    proc = start(script, argv)
+    proc = start_script(SCRIPTS[script], *argv)
     try:
         wait_for(proc, log_says(model, "epoch 2 step"), "epoch 2 training")
 
@@ -120,7 +83,7 @@ def test_killed_save_candidates_leaves_a_folder_the_reranker_refuses(paths, tmp_
                 return json.load(f)["complete"] is False
         except (OSError, ValueError):
             return False
-    proc = start("S", argv)  # the same command again: it rewrites the folder
+    proc = start_script(SCRIPTS["S"], *argv)  # the same command again: it rewrites the folder
     try:
         wait_for(proc, incomplete, "the manifest marked incomplete")
         proc.send_signal(signal.SIGKILL)

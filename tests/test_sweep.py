@@ -1,6 +1,6 @@
 """sweep.py: the recipes' command lines, flags passed through, and a tiny sweep on the toy world
 that runs, skips a finished run and resumes an interrupted one."""
-import json
+import functools
 import os
 import shlex
 import signal
@@ -10,24 +10,17 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, fails_with, read_json
 
 import main_retriever
 import sweep
+
+fails = functools.partial(fails_with, sweep.main)  # fails(capsys, argv, *words)
 
 
 def dry_run(capsys, *argv):
     assert sweep.main([argv[0], "--dry_run", *argv[1:]]) == 0
     return capsys.readouterr().out.strip().split("\n")
-
-
-def fails_with(capsys, argv, *words):
-    with pytest.raises(SystemExit) as e:
-        sweep.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and err.startswith("error: "), err
-    for w in words:
-        assert w in err, err
 
 
 def test_dry_run_prints_the_15_appendix_runs(capsys, tmp_path):
@@ -81,13 +74,13 @@ def test_paper_recipe_chains_the_three_scripts_and_passes_flags_to_those_that_ta
 
 def test_user_mistakes_are_one_line(capsys, tmp_path):
     out = str(tmp_path)
-    fails_with(capsys, ["paper", "--data_dir", "z", "--out", out, "--dry_run", "--no_such", "1"],
-               "--no_such")
-    fails_with(capsys, ["appendix", "--data_dir", "z", "--out", out, "--only", "dual_p10"],
-               "--only", "dual_p10")
-    fails_with(capsys, ["appendix", "--out", out], "--data_dir")
-    fails_with(capsys, ["appendix", "--data_dir", str(tmp_path / "none"), "--out", out],
-               "--data_dir", "not a folder")
+    fails(capsys, ["paper", "--data_dir", "z", "--out", out, "--dry_run", "--no_such", "1"],
+          "--no_such")
+    fails(capsys, ["appendix", "--data_dir", "z", "--out", out, "--only", "dual_p10"],
+          "--only", "dual_p10")
+    fails(capsys, ["appendix", "--out", out], "--data_dir")
+    fails(capsys, ["appendix", "--data_dir", str(tmp_path / "none"), "--out", out],
+          "--data_dir", "not a folder")
 
 
 # Two runs of the appendix recipe on the toy world, with tiny windows and few candidates.
@@ -99,11 +92,6 @@ def sweep_argv(toy, out):
     data_dir, bert_dir = toy
     return ["appendix", "--data_dir", data_dir, "--out", str(out), "--pretrained", bert_dir,
             "--only", "dual_p0", "dual_p100", "--", *TINY]
-
-
-def results(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.mark.slow
@@ -123,8 +111,8 @@ def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(toy, tmp_path, c
     os.killpg(proc.pid, signal.SIGKILL)
     first = proc.communicate()[0].decode()
     assert saved.exists() and (out / "dual_p100.pt.last").exists(), first[-3000:]
-    assert results(out / "dual_p0.pt.results.json")["test"] is not None
-    interrupted = results(out / "dual_p100.pt.results.json")
+    assert read_json(out / "dual_p0.pt.results.json")["test"] is not None
+    interrupted = read_json(out / "dual_p100.pt.results.json")
     assert interrupted["test"] is None, "the run finished before it could be interrupted"
     assert [e["epoch"] for e in interrupted["val"]] == [1]
 
@@ -133,15 +121,15 @@ def test_tiny_sweep_runs_skips_finished_and_resumes_interrupted(toy, tmp_path, c
     second = capsys.readouterr().out
     assert "dual_p0: finished already, skipped" in second
     assert "dual_p100 (resumed)" in second and "--resume_training" in second
-    done = results(out / "dual_p100.pt.results.json")
+    done = read_json(out / "dual_p100.pt.results.json")
     assert [e["epoch"] for e in done["val"]] == [1, 2] and done["test"] is not None
     # the table of report.py --paper closes the sweep: the paper's dual row beside the runs'
     assert "91.08" in second and "92.05" in second
     for name in ("dual_p0", "dual_p100"):
-        val = results(out / f"{name}.pt.results.json")["val"]
+        val = read_json(out / f"{name}.pt.results.json")["val"]
         assert f"{max(e['recall@4'] for e in val):.2f} [" in second
 
     # Third pass: nothing left to do; other flags for runs already on disk are refused.
     assert sweep.main(sweep_argv(toy, out)) == 0
     assert capsys.readouterr().out.count("finished already, skipped") == 2
-    fails_with(capsys, sweep_argv(toy, out) + ["--lr", "1e-2"], "dual_p0", "other flags")
+    fails(capsys, sweep_argv(toy, out) + ["--lr", "1e-2"], "dual_p0", "other flags")
