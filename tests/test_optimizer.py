@@ -178,3 +178,8 @@ def test_state_survives_a_weights_only_checkpoint(optimizer):
     step_model(resumed, opt2, 3, seed=2)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_doctests():
+    import doctest
+    assert doctest.testmod(training).failed == 0
