@@ -16,13 +16,13 @@ The paper's finding: the hard-negative bias falls to about 0.01, the random-nega
 between about 1.5 and 10, and the hard NCE loss tracks the cross-entropy.
 
 Negatives: only labels with p(y) > 0 can change the weighted loss, so only they are gold labels.
-Every Monte Carlo draw of every gold label is one row of a (G * mc, N) weight matrix whose gold
-column is zeroed; one `torch.multinomial` call draws all of them, one batched log-softmax gives all
-the NCE losses and one backward pass their gradient. By default the K negatives of a draw are
-distinct (drawn without replacement), as in the original and as the published curves need;
-`--replacement` draws them with replacement (i.i.d.), which keeps the hard-negative bias around 5.
-The gold is never a negative, and the `monte_carlo` draws are independent of each other. See
-docs/DESIGN.md#gradient-bias.
+By default the K negatives of a draw are distinct (drawn without replacement) and never the gold:
+every Monte Carlo draw of every gold label is one row of a (G * mc, N) weight matrix whose gold
+column is zeroed, and one `torch.multinomial` call draws all of them. `--replacement` draws them
+as the original did: K i.i.d. draws from q itself, the gold included, and a negative that is the
+gold is masked out of the NCE softmax afterwards (so such a draw has fewer than K negatives). One
+batched log-softmax gives all the NCE losses and one backward pass their gradient; the
+`monte_carlo` draws are independent of each other. See docs/DESIGN.md#gradient-bias.
 
     python gradient_bias.py --out runs/gradient_bias.json --plot docs/figures
 """
@@ -30,6 +30,7 @@ docs/DESIGN.md#gradient-bias.
 import json
 import math
 import os
+import pickle
 import statistics
 import time
 
@@ -46,16 +47,16 @@ SAMPLE_ELEMENTS = 1 << 24
 
 
 def population(num_labels, support, temp):
-    """The population p(y) = softmax(U[0,1) / temp), on `support` random labels (-1: all).
+    """The population p(y) = softmax(U[0,1) / temp), on the first `support` labels (-1: all), as
+    the original.
 
-    >>> p = population(10, 3, 0.1); (p > 0).sum().item(), round(p.sum().item(), 5)
-    (3, 1.0)
+    >>> p = population(10, 3, 0.1); p.nonzero().view(-1).tolist(), round(p.sum().item(), 5)
+    ([0, 1, 2], 1.0)
     """
     u = torch.rand(num_labels)  # (N,)
     logits = (u - u.max()) / temp  # the same softmax as u / temp, and no overflow for a tiny temp
     if 0 < support < num_labels:
-        outside = torch.randperm(num_labels)[support:]
-        logits[outside] = -math.inf
+        logits[support:] = -math.inf
     return logits.softmax(0)
 
 
@@ -79,17 +80,19 @@ class MLPScorer(nn.Module):
 
 
 class LogitScorer(nn.Module):
-    """A free logit vector z (N,), starting at zero (the uniform distribution)."""
+    """A free logit vector z (N,) (`--dim -1`), initialised N(0, 1) as the original."""
 
-    def __init__(self, num_labels, dim=None):
+    def __init__(self, num_labels):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(num_labels))
+        self.logits = nn.Parameter(torch.randn(num_labels))
 
     def forward(self):
         return self.logits
 
 
-MODELS = {"mlp": MLPScorer, "logits": LogitScorer}
+def make_model(num_labels, dim):
+    """The MLP scorer of hidden size `dim`, or free logits for `dim` -1 (the original's switch)."""
+    return LogitScorer(num_labels) if dim == -1 else MLPScorer(num_labels, dim)
 
 
 def cross_entropy(logits, p):
@@ -98,12 +101,14 @@ def cross_entropy(logits, p):
 
 
 def draw_negatives(weights, gold, num_negatives, monte_carlo, replacement):
-    """K negatives for every gold label and Monte Carlo draw, from `weights` with the gold excluded.
+    """K negatives for every gold label and Monte Carlo draw from `weights`.
 
     weights: (N,) non-negative sampling weights q (need not sum to 1); gold: (G,) gold labels.
-    Returns a long tensor (G, monte_carlo, K); row [i, m] never contains gold[i]. Without
-    `replacement` the K negatives of a row are distinct. Memory: the (rows, N) weight matrix is
-    built in chunks of at most SAMPLE_ELEMENTS floats.
+    Returns a long tensor (G, monte_carlo, K). Without `replacement` the K negatives of a row are
+    distinct and row [i, m] never contains gold[i]: they are drawn with the gold's weight zeroed
+    (memory: the (rows, N) weight matrix is built in chunks of at most SAMPLE_ELEMENTS floats).
+    With `replacement`, as the original: K independent draws from q itself, the gold included
+    (nce_loss masks a negative that is the gold).
 
     >>> neg = draw_negatives(torch.ones(5), torch.arange(5), 2, 3, replacement=False)
     >>> neg.shape, any((neg[y] == y).any().item() for y in range(5))
@@ -111,6 +116,10 @@ def draw_negatives(weights, gold, num_negatives, monte_carlo, replacement):
     """
     n = weights.numel()
     weights = weights.detach().float()
+    if replacement:
+        draws = torch.multinomial(weights, gold.numel() * monte_carlo * num_negatives,
+                                  replacement=True)
+        return draws.view(gold.numel(), monte_carlo, num_negatives)
     rows = gold.repeat_interleave(monte_carlo)  # (G * mc,) the gold label of each row
     chunk = max(1, SAMPLE_ELEMENTS // n)
     parts = []
@@ -118,7 +127,7 @@ def draw_negatives(weights, gold, num_negatives, monte_carlo, replacement):
         golds = rows[start:start + chunk]
         w = weights.expand(golds.numel(), n).clone()  # (rows, N)
         w[torch.arange(golds.numel()), golds] = 0.0  # the gold is never its own negative
-        parts.append(torch.multinomial(w, num_negatives, replacement=replacement))  # (rows, K)
+        parts.append(torch.multinomial(w, num_negatives))  # (rows, K) distinct
     return torch.cat(parts).view(gold.numel(), monte_carlo, num_negatives)
 
 
@@ -126,12 +135,14 @@ def nce_loss(logits, p, gold, negatives):
     """sum_y p(y) mean_m NCE(y; negatives[y, m]), all (y, m) in one batched log-softmax.
 
     logits: (N,) scores z; p: (N,) population; gold: (G,) the labels summed over (those with
-    p(y) > 0 suffice: the others add exactly nothing); negatives: (G, mc, K) label indices.
+    p(y) > 0 suffice: the others add exactly nothing); negatives: (G, mc, K) label indices. A
+    negative that is its row's gold (drawn with --replacement) is masked out of the softmax.
     """
     monte_carlo = negatives.shape[1]
     golds = gold.view(-1, 1, 1).expand(-1, monte_carlo, 1)  # (G, mc, 1)
     scores = logits[torch.cat([golds, negatives], dim=2)]  # (G, mc, 1 + K), gold first
-    nll = -scores.log_softmax(-1)[..., 0]  # (G, mc)
+    is_gold = torch.cat([torch.zeros_like(golds, dtype=torch.bool), negatives == golds], dim=2)
+    nll = -scores.masked_fill(is_gold, -math.inf).log_softmax(-1)[..., 0]  # (G, mc)
     return (p[gold] * nll.mean(1)).sum()
 
 
@@ -144,7 +155,8 @@ def nce_loss_loop(logits, p, gold, negatives):
     total = logits.new_zeros(())
     for i, y in enumerate(gold.tolist()):
         for m in range(monte_carlo):
-            scores = torch.cat([logits[y:y + 1], logits[negatives[i, m]]])  # (1 + K,)
+            kept = [k for k in negatives[i, m].tolist() if k != y]  # the gold is masked
+            scores = torch.cat([logits[y:y + 1], logits[kept]])  # (1 + K,) or fewer
             total = total - p[y] * scores.log_softmax(0)[0] / monte_carlo
     return total
 
@@ -187,10 +199,10 @@ def run(args):
     p = population(args.num_labels, args.support, args.temp)  # (N,)
     gold = p.nonzero().view(-1)  # (G,) the labels with p(y) > 0: the others add exactly nothing
     replacement = args.replacement
-    model = MODELS[args.model_type](args.num_labels, args.dim)
+    model = make_model(args.num_labels, args.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    records, loss_sum = [], 0.0
+    records = []
     times = {"vectorised": [], "reference_loop": []}  # seconds per step in NCE losses + gradients
     start = time.perf_counter()
     for step in tqdm(range(1, args.steps + 1), desc="steps", disable=args.quiet):
@@ -200,7 +212,6 @@ def run(args):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item()
 
         rng = torch.get_rng_state()
         record, seconds = measure(model, p, gold, args.num_negatives, args.monte_carlo,
@@ -217,7 +228,7 @@ def run(args):
                     raise AssertionError(f"step {step}: {key} vectorised {record[key]} "
                                          f"!= reference loop {reference[key]}")
             torch.set_rng_state(after)
-        records.append({"loss_avg": loss_sum / step, **record})
+        records.append({"loss_avg": loss.item(), **record})  # the step's loss, as the original
     timing = {"total": time.perf_counter() - start, "vectorised": sum(times["vectorised"])}
     if args.reference_loop:  # medians per step: robust to a step slowed by something else
         timing["reference_loop"] = sum(times["reference_loop"])
@@ -277,24 +288,26 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_labels", type=int, default=1000)
     parser.add_argument("--support", type=int, default=-1,
-                        help="number of labels with p(y) > 0, chosen at random (-1: all)")
+                        help="p(y) > 0 on the first this many labels (-1: all)")
     parser.add_argument("--temp", type=float, default=0.001,
                         help="temperature of the population softmax(U[0,1) / temp)")
     parser.add_argument("--num_negatives", type=int, default=4, help="K negatives per draw")
     parser.add_argument("--replacement", action="store_true",
-                        help="draw the K negatives of a draw with replacement (default: without, "
-                             "distinct negatives, which gives the published curves). The gold is "
-                             "never a negative")
+                        help="draw the K negatives of a draw with replacement from q itself and "
+                             "mask those that are the gold, as the original (default: K distinct "
+                             "negatives other than the gold, which gives the published curves)")
     parser.add_argument("--monte_carlo", type=int, default=10,
                         help="independent draws of K negatives per gold label")
-    parser.add_argument("--dim", type=int, default=300)
-    parser.add_argument("--model_type", choices=sorted(MODELS), default="mlp",
-                        help="mlp: embedding -> Linear -> ReLU -> Linear; logits: free logit vector")
+    parser.add_argument("--dim", type=int, default=300,
+                        help="hidden size of the MLP scorer (embedding -> Linear -> ReLU -> "
+                             "Linear); -1: a free logit vector, initialised N(0, 1)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", help="write the records here as JSON")
+    parser.add_argument("--pickle", metavar="PATH",
+                        help="also pickle the same result here, as the original's flag did")
     parser.add_argument("--plot", metavar="DIR", help="draw the loss and bias figures (PNG) here")
     parser.add_argument("--reference_loop", action="store_true",
                         help="also compute every NCE loss with the per-label loop on the same "
@@ -307,10 +320,12 @@ def parse_args(argv=None):
                         help="print nothing but errors (no progress bar, no table)")
     args = parser.parse_args(argv)
 
-    for flag, lowest in [("num_labels", 2), ("num_negatives", 1), ("monte_carlo", 1), ("dim", 1),
+    for flag, lowest in [("num_labels", 2), ("num_negatives", 1), ("monte_carlo", 1),
                          ("steps", 1), ("batch_size", 1), ("threads", 0)]:
         if getattr(args, flag) < lowest:
             parser.error(f"--{flag} must be at least {lowest}, got {getattr(args, flag)}")
+    if args.dim == 0 or args.dim < -1:
+        parser.error(f"--dim must be -1 (free logits) or at least 1, got {args.dim}")
     if args.support == 0 or args.support < -1 or args.support > args.num_labels:
         parser.error(f"--support must be -1 (all labels) or between 1 and --num_labels "
                      f"({args.num_labels}), got {args.support}")
@@ -321,8 +336,10 @@ def parse_args(argv=None):
         parser.error(f"--num_negatives ({args.num_negatives}) must be below --num_labels "
                      f"({args.num_labels}) to draw distinct negatives other than the gold; "
                      "use --replacement to draw with replacement")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    for flag in ("out", "pickle"):
+        folder = os.path.dirname(os.path.abspath(getattr(args, flag) or "."))
+        if getattr(args, flag) and not os.path.isdir(folder):
+            parser.error(f"--{flag}: folder {folder} does not exist")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -351,6 +368,10 @@ def main(argv=None):
         with atomic_open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         say(f"wrote {args.out}")
+    if args.pickle:
+        with atomic_open(args.pickle, "wb") as f:
+            pickle.dump(result, f)
+        say(f"wrote {args.pickle}")
     if args.plot:
         for path in plot(result, args.plot):
             say(f"wrote {path}")

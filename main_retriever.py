@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--smoothing_value", type=float, default=1.0,
                    help="hard_negative: sample from softmax(smoothing_value * scores)")
     p.add_argument("--exclude_golds", action="store_true", help="never mine the gold as a negative")
+    p.add_argument("--random_negatives", default="fresh", choices=RANDOM_NEGATIVES,
+                   help="fresh: drawn anew every epoch; repeat: the same stream of draws every "
+                        "epoch, restarted from --seed, as the original (docs/DESIGN.md#negatives)")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
     p.add_argument("--eval_batchsize", type=int, default=512,
@@ -61,6 +64,21 @@ def parse_args(argv=None):
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
     add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path")
     return check_args(p.parse_args(argv))
+
+
+# --random_negatives: where an epoch's random negatives are drawn from
+RANDOM_NEGATIVES = ("fresh", "repeat")
+
+
+def random_negative_stream(kind, seed, epoch_stream):
+    """The generator an epoch's random negatives are drawn from (docs/DESIGN.md#negatives):
+    `fresh`, the epoch's own stream (which also shuffled the batches), so every epoch draws anew;
+    `repeat`, a stream restarted from the seed alone at every epoch, so that every epoch deals the
+    same sequence of draws to its batches in turn, as the original's dataset, re-seeded with the
+    same seed whenever it was rebuilt for an epoch."""
+    if kind == "repeat":
+        return torch.Generator().manual_seed(seed)
+    return epoch_stream
 
 
 def check_args(args):
@@ -155,12 +173,13 @@ def train_retriever(args, rt):
             generator=epoch_generator(args.seed, epoch, rt.rank, device),
             mention_bsz=args.mention_bsz, **stream)
         clock.lap(f"negatives, epoch {epoch + 1}")
-        generator = epoch_generator(args.seed, epoch)  # the batches and random negatives
+        generator = epoch_generator(args.seed, epoch)  # the batches (and fresh random negatives)
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
+        draws = random_negative_stream(args.random_negatives, args.seed, generator)
         for batch in run.batches(batches, epoch):
             # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
-            own, cands, log_q = negatives.batch(batch, generator, rt.rank, rt.world_size)
+            own, cands, log_q = negatives.batch(batch, draws, rt.rank, rt.world_size)
             b, c = cands.shape
             to = dict(device=device, non_blocking=True)
             inputs = (train.mention_ids[own].to(**to), train.mention_mask[own].to(**to),

@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
     add_precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_compatibility_args(p, "store_en_hiddens", "en_hidden_path")
+    add_compatibility_args(p, "store_en_hiddens", "en_hidden_path", "seed", "num_workers")
     p.add_argument("--overwrite", action="store_true",
                    help="replace candidates of another checkpoint or other flags in --cands_dir")
     return p.parse_args(argv)

@@ -3,6 +3,7 @@ shared training flags, the optimizer (the original's AdamW) and schedule, and `T
 owns the optimizer, scheduler and gradient scaler, the accumulation and update step, the loss
 bookkeeping and its non-finite check, and the best and last checkpoints."""
 import contextlib
+import importlib
 import math
 import os
 
@@ -88,7 +89,26 @@ def build_optimizer(model, lr, weight_decay=0.0, adam_epsilon=1e-8, simpleoptim=
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if optimizer == "original":
         return OriginalAdamW(groups, lr=lr, eps=adam_epsilon)
-    return torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon, fused=optimizer == "torch_fused")
+    fused = optimizer == "torch_fused"
+    if fused:
+        check_fused(decay + rest)
+    return torch.optim.AdamW(groups, lr=lr, eps=adam_epsilon, fused=fused)
+
+
+def check_fused(params):
+    """Stop with one line, before any training, when torch's fused AdamW kernel cannot update
+    these parameters (a device or dtype it does not support); torch itself would raise only at
+    the first step."""
+    check = getattr(importlib.import_module("torch.optim.optimizer"),
+                    "_device_dtype_check_for_fused", None)
+    if check is None:  # a torch without the check: its own error at the first step
+        return
+    try:
+        for p in params:
+            check(p)
+    except RuntimeError as e:
+        die(f"--optimizer torch_fused: torch's fused AdamW kernel cannot run here "
+            f"({str(e).splitlines()[0]}); use --optimizer torch or original")
 
 
 def build_scheduler(optimizer, num_training_steps, warmup_proportion=0.1, simpleoptim=False):

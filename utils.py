@@ -69,6 +69,7 @@ COMPATIBILITY_FLAGS = {
                          "never stored"),
     "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
     "fp16_opt_level": ({}, "mixed precision is torch.amp's (--fp16, --bf16), not apex's"),
+    "seed": ({"type": int}, "ranking the candidates draws nothing at random"),
 }
 
 

@@ -1,37 +1,56 @@
 """The synthetic gradient-bias experiment (docs/DESIGN.md#gradient-bias): vectorised NCE vs the
 per-label loop, the paper's finding on a small configuration, the command line and the figures."""
 import json
+import pickle
 import sys
 
 import pytest
 import torch
 
 from conftest import run_script
-from gradient_bias import (MLPScorer, draw_negatives, entropy, gradient, main, nce_loss,
-                           nce_loss_loop, parse_args, plot, population, run)
+from gradient_bias import (LogitScorer, MLPScorer, draw_negatives, entropy, gradient, main,
+                           nce_loss, nce_loss_loop, parse_args, plot, population, run)
 
 SMALL = ["--num_labels", "100", "--dim", "64", "--lr", "0.01", "--seed", "2", "--quiet"]
 
 
-@pytest.mark.parametrize("replacement", [False, True])
-def test_draw_negatives_exclude_the_gold(replacement):
+def test_distinct_negatives_exclude_the_gold():
     torch.manual_seed(0)
-    gold, k = torch.tensor([0, 3, 5]), 8 if replacement else 5
-    negatives = draw_negatives(torch.rand(6), gold, k, 50, replacement)
-    assert negatives.shape == (3, 50, k)
+    gold = torch.tensor([0, 3, 5])
+    negatives = draw_negatives(torch.rand(6), gold, 5, 50, replacement=False)
+    assert negatives.shape == (3, 50, 5)
     assert not (negatives == gold.view(3, 1, 1)).any()
-    if not replacement:  # 5 distinct negatives out of 5 non-gold labels: all of them
-        assert (negatives.sort(-1).values == torch.tensor([[1, 2, 3, 4, 5], [0, 1, 2, 4, 5],
-                                                           [0, 1, 2, 3, 4]]).unsqueeze(1)).all()
+    # 5 distinct negatives out of 5 non-gold labels: all of them
+    assert (negatives.sort(-1).values == torch.tensor([[1, 2, 3, 4, 5], [0, 1, 2, 4, 5],
+                                                       [0, 1, 2, 3, 4]]).unsqueeze(1)).all()
 
 
-def test_draw_negatives_follow_the_weights():
+@pytest.mark.parametrize("replacement", [False, True])
+def test_draw_negatives_follow_the_weights(replacement):
+    """Without replacement the gold's weight is zeroed (one negative: drawn from the others in
+    proportion); with replacement, as the original, q itself is sampled, the gold included."""
     torch.manual_seed(0)
     weights = torch.tensor([1.0, 0.0, 3.0, 6.0])
-    negatives = draw_negatives(weights, torch.tensor([0]), 1, 20000, replacement=True)
+    negatives = draw_negatives(weights, torch.tensor([0]), 1, 20000, replacement=replacement)
     share = torch.bincount(negatives.view(-1), minlength=4).float() / 20000
-    assert share[0] == 0 and share[1] == 0  # the gold and a zero weight are never drawn
-    assert abs(share[2] - 1 / 3) < 0.02 and abs(share[3] - 2 / 3) < 0.02
+    expected = torch.tensor([0.1, 0.0, 0.3, 0.6]) if replacement else torch.tensor([0, 0, 1, 2]) / 3
+    assert share[1] == 0 and (share[0] == 0) is not replacement
+    torch.testing.assert_close(share, expected, atol=0.015, rtol=0)
+
+
+def test_a_negative_that_is_the_gold_is_masked():
+    """--replacement (the original's sampling): negatives drawn as the gold drop out of the NCE
+    softmax, so a draw of nothing but the gold costs nothing and one with a single other label
+    is the two-way softmax; the per-label loop agrees."""
+    logits = torch.tensor([2.0, 0.5, -1.0], requires_grad=True)
+    p, gold = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0])
+    only_gold = torch.zeros(1, 1, 3, dtype=torch.long)
+    assert nce_loss(logits, p, gold, only_gold).item() == 0.0
+    one_other = torch.tensor([[[0, 2, 0]]])
+    two_way = -torch.log_softmax(torch.tensor([2.0, -1.0]), 0)[0]
+    torch.testing.assert_close(nce_loss(logits, p, gold, one_other), two_way)
+    torch.testing.assert_close(nce_loss_loop(logits, p, gold, one_other), two_way)
+    assert torch.isfinite(gradient(nce_loss(logits, p, gold, only_gold), [logits])).all()
 
 
 @pytest.mark.parametrize("replacement", [False, True])
@@ -53,7 +72,7 @@ def test_vectorised_nce_equals_the_per_label_loop(replacement):
 def test_labels_outside_the_support_add_nothing():
     torch.manual_seed(0)
     p = population(30, 5, 0.5)
-    assert (p > 0).sum() == 5
+    assert p.nonzero().view(-1).tolist() == [0, 1, 2, 3, 4]  # the first 5, as the original
     logits = torch.randn(30)
     everyone, support = torch.arange(30), p.nonzero().view(-1)
     negatives = draw_negatives(torch.ones(30), everyone, 3, 4, replacement=False)
@@ -76,17 +95,49 @@ def test_small_run_shows_the_papers_finding():
     assert abs(last["hard"] - last["xent"]) < 0.05 < abs(last["rand"] - last["xent"])
 
 
-def test_main_writes_json_and_table(tmp_path, capsys):
-    out = tmp_path / "bias.json"
-    main([a for a in SMALL if a != "--quiet"] + ["--steps", "2", "--out", str(out)])
+def test_main_writes_json_pickle_and_table(tmp_path, capsys):
+    out, pickled = tmp_path / "bias.json", tmp_path / "bias.pkl"
+    main([a for a in SMALL if a != "--quiet"] + ["--steps", "2", "--out", str(out),
+                                                  "--pickle", str(pickled)])
     result = json.loads(out.read_text())
     assert len(result["records"]) == 2
     assert list(result["records"][0]) == ["loss_avg", "xent", "rand", "hard", "diff_rand",
                                           "diff_hard"]
     assert result["entropy"] == pytest.approx(entropy(population_of(result)))
+    with open(pickled, "rb") as f:
+        assert pickle.load(f) == result  # --pickle: the original's flag, the same result
     printed = capsys.readouterr().out
     assert "diff_hard" in printed and "entropy" in printed
-    assert [p.name for p in tmp_path.iterdir()] == ["bias.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bias.json", "bias.pkl"]  # no temp file
+
+
+def test_loss_avg_is_the_steps_loss(monkeypatch):
+    """As the original, each record's loss_avg is that step's training batch loss."""
+    import gradient_bias
+    losses, cross_entropy = [], gradient_bias.F.cross_entropy
+
+    def spy(*args, **kwargs):
+        losses.append(cross_entropy(*args, **kwargs).item())
+        return cross_entropy(*args, **kwargs)
+    monkeypatch.setattr(gradient_bias.F, "cross_entropy", spy)
+    result = run(parse_args(SMALL + ["--steps", "3"]))
+    assert [r["loss_avg"] for r in result["records"]] == losses and len(set(losses)) == 3
+
+
+def test_dim_minus_one_trains_free_logits_from_a_standard_normal():
+    torch.manual_seed(0)
+    z = LogitScorer(20000)().detach()
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
+    result = run(parse_args(SMALL + ["--dim", "-1", "--steps", "2"]))
+    assert result["records"][0]["xent"] > 1  # a random logit vector, not the MLP
+    assert {type(m) for m in [gradient_bias_model(["--dim", "-1"]), gradient_bias_model([])]} \
+        == {LogitScorer, MLPScorer}
+
+
+def gradient_bias_model(flags):
+    from gradient_bias import make_model
+    args = parse_args(flags)
+    return make_model(args.num_labels, args.dim)
 
 
 def population_of(result):
@@ -103,6 +154,9 @@ def population_of(result):
     (["--lr", "nan"], "--lr"),
     (["--monte_carlo", "0"], "--monte_carlo"),
     (["--out", "/no/such/folder/x.json"], "--out"),
+    (["--pickle", "/no/such/folder/x.pkl"], "--pickle"),
+    (["--dim", "0"], "--dim"),
+    (["--dim", "-2"], "--dim"),
     (["--plot", "/dev/null/figures"], "--plot"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, flag, capsys):
@@ -164,3 +218,10 @@ def test_plot_draws_both_figures(tmp_path):
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_doctests():
+    import doctest
+
+    import gradient_bias
+    assert doctest.testmod(gradient_bias).failed == 0

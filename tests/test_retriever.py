@@ -359,3 +359,21 @@ def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     shares = [negatives.batch(batch, torch.Generator().manual_seed(1), rank, 2) for rank in (0, 1)]
     assert torch.equal(torch.cat([s[0] for s in shares]), own)
     assert torch.equal(torch.cat([s[1] for s in shares]), cands)
+
+
+@pytest.mark.parametrize("kind", ["fresh", "repeat"])
+def test_random_negative_stream_repeats_only_when_asked(kind):
+    """--random_negatives repeat deals every epoch the same draws (the original's stream,
+    restarted from the seed); fresh, the default, draws anew each epoch."""
+    from main_retriever import parse_args, random_negative_stream
+    from retriever import sample_random_negatives
+    from utils import epoch_generator
+    golds = torch.arange(0, 40, 4)
+    draws = []
+    for epoch in (0, 1):
+        shuffle = epoch_generator(42, epoch)
+        torch.randperm(40, generator=shuffle)  # the epoch's batches come first from its stream
+        stream = random_negative_stream(kind, 42, shuffle)
+        draws.append(sample_random_negatives(golds, 1000, 5, stream))
+    assert torch.equal(draws[0], draws[1]) is (kind == "repeat")
+    assert parse_args(["--model", "m", "--data_dir", "d"]).random_negatives == "fresh"
