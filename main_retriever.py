@@ -23,7 +23,7 @@ DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hidde
 """
 import torch
 
-from data_loader import PRETRAINED, Zeshel, check_positions, pretrained_name
+from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
 from retriever import (TYPE_CANDS, add_scorer_args, check_scorer_args, check_worlds_hold,
                        encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
                        rank_split, ranking_entry)
@@ -75,12 +75,15 @@ def check_args(args):
     check_flag(args.smoothing_value >= 0, "--smoothing_value",
                f"must be 0 or more (got {args.smoothing_value})")
     check_scorer_args(args, args.max_len, "--max_len")
+    check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained))
     return args
 
 
-def load_data_and_model(args, log, rt, clock):
+def load_data_and_model(args, run, rt):
     """(the tokenized splits the run needs (train only when it trains), the retriever), after
-    checking --k and --num_cands against the entity sets and --max_len against the encoder."""
+    checking --k and --num_cands against the entity sets, --max_len against the encoder, and the
+    data and encoder against those of the run resumed or replaced (run.inputs_checked)."""
+    log, clock = run.log, run.clock
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_worlds_hold(zeshel, ("val", "test"), args.k, "--k")
     if args.epochs > 0:
@@ -93,6 +96,7 @@ def load_data_and_model(args, log, rt, clock):
                                       args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
     check_positions(model.mention_encoder, args.max_len, "--max_len")
+    run.inputs_checked(data=zeshel.fingerprint(), encoder=model.mention_encoder.fingerprint)
     splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")
     pin = rt.device.type == "cuda"
     data = {s: encode_retriever_split(tokenizer, zeshel, s, args.max_len, pin, rt) for s in splits}
@@ -133,7 +137,7 @@ def train_retriever(args, rt):
     state = run.resume_state()  # the flags checked against the saved run's
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
-    data, model = load_data_and_model(args, log, rt, clock)
+    data, model = load_data_and_model(args, run, rt)
     train = data.get("train")
     train_model = run.start(model.to(device), len(train.golds) if train else 0, dtype, state)
     stream = dict(entity_bsz=args.entity_bsz, device=device, dtype=dtype, rt=rt, quiet=run.quiet)

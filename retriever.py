@@ -292,10 +292,11 @@ def check_same_model(args, trained, path):
 
 
 def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
-                   mention_use_codes=False, entity_use_codes=False):
-    """(tokenizer, Retriever) built from a pretrained folder or hub name."""
-    tokenizer = load_tokenizer(pretrained)
-    encoder = load_encoder(pretrained, tokenizer)
+                   mention_use_codes=False, entity_use_codes=False, flag="--pretrained"):
+    """(tokenizer, Retriever) built from a pretrained folder or hub name (`flag`: what named it,
+    in errors)."""
+    tokenizer = load_tokenizer(pretrained, flag)
+    encoder = load_encoder(pretrained, tokenizer, flag)
     return tokenizer, Retriever(encoder, type_model, num_mention_vecs, num_entity_vecs,
                                 mention_use_codes, entity_use_codes)
 
