@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from run_safety import check_output_file, cli_main
 from utils import ArgumentParser, atomic_open
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
@@ -323,6 +324,8 @@ def parse_args(argv=None):
                      "use --replacement to draw with replacement")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         parser.error(f"--out: folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    if args.out:  # before the experiment runs: --out a folder, or in a read-only one
+        check_output_file(args.out, "--out")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -335,6 +338,7 @@ def parse_args(argv=None):
     return args
 
 
+@cli_main
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)

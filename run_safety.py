@@ -29,6 +29,15 @@ def check_finite_flags(args):
             die(f"--{name}: {value} is not a finite number")
 
 
+def ignored_flag_notices(args, parser, rules, log):
+    """One log notice per flag given a value other than its default that the chosen mode
+    ignores. `rules`: [(flag name, ignored(args) -> bool, why(args) -> str)]."""
+    for name, ignored, why in rules:
+        value = getattr(args, name)
+        if value != parser.get_default(name) and ignored(args):
+            log.info("notice: --%s %s has no effect: %s", name, value, why(args))
+
+
 def check_output_file(path, flag):
     """Stop unless `path` can be written as a file: not a folder (nor a name ending in /), and its
     folder exists and is writable or can be created."""
@@ -270,6 +279,31 @@ def check_trained_encoder(state, fingerprint, name, flag):
     if parts:
         die(f"{flag}: {name} is not the encoder the checkpoint was trained with (its "
             f"{' and '.join(parts)} differ); pass --pretrained with that encoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# A tool's own output folder (toy_world.py OUT, demo.py --out DIR): it replaces only what its
+# record says it wrote there.
+
+def claim_outputs(folder, tool, names, overwrite=False, flag="--out"):
+    """Before `tool` writes the entries `names` (files or folders, relative to `folder`): stop
+    with one line naming the first that exists but is not in the tool's record
+    `folder/.<tool>.outputs.json` (a user's file, or another program's), unless `overwrite`; then
+    record them, before writing, so that a tool stopped half-way still owns what it began."""
+    check_output_dir(folder, flag)
+    record = os.path.join(folder, f".{tool}.outputs.json")
+    owned = set()
+    if os.path.isfile(record):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            with open(record, encoding="utf-8") as f:
+                owned = set(json.load(f).get("outputs", []))
+    if not overwrite:
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.lexists(path) and name not in owned:
+                die(f"{flag}: {path} exists and was not written by {tool}; pass --overwrite to "
+                    f"replace it, or choose another {flag}")
+    write_json({"tool": tool, "outputs": sorted(owned | set(names))}, record)
 
 
 # ----------------------------------------------------------------------------------------------
