@@ -379,14 +379,17 @@ DECODERS = ("gpt2", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "b
             "qwen2", "phi", "gemma", "ctrl", "transfo-xl", "xlnet")
 
 
-def check_encoder(name, flag="--pretrained"):
+def check_encoder(name, flag="--pretrained", loadable=True):
     """Stop with one line, before any work, unless `name` (a folder or hub name) holds an encoder
-    of ENCODER_FAMILIES (its config says which); returns the config."""
+    of ENCODER_FAMILIES (its config says which); returns the config. `loadable=False`: a config
+    that cannot be loaded is left for load_encoder to report (None)."""
     from transformers import AutoConfig
     quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception:
+        if not loadable:
+            return None
         die(f"{flag}: {model_path_hint(name)}")
     kind = getattr(config, "model_type", None) or type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
@@ -407,7 +410,6 @@ def load_tokenizer(name, flag="--pretrained"):
     as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
     from transformers import AutoTokenizer
     quiet_transformers()
-    check_encoder(name, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception:

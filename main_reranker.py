@@ -83,7 +83,6 @@ def check_args(args):
     check_flag(args.init >= 0, "--init", "must be 0 (the encoder's initializer_range) or more")
     if args.type_model != "full":
         check_scorer_args(args, args.L, "--L")
-    check_encoder(pretrained_name("--type_bert", args.type_bert, args.pretrained))
     return args
 
 
@@ -168,6 +167,7 @@ def describe(entry, eval_method):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    check_encoder(pretrained_name("--type_bert", args.type_bert, args.pretrained), loadable=False)
     start_training(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
     with_runtime(args, train_reranker)
 

@@ -104,7 +104,8 @@ def main(argv=None):
               folder=args.cands_dir)
     state = load_run_checkpoint(args.model, "main_retriever")
     pretrained_flag = resolve_shape(args, state["args"])
-    check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained), pretrained_flag)
+    check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained), pretrained_flag,
+                  loadable=False)
     producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
     check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
     with_runtime(args, lambda args, rt: save_candidates(args, rt, state, producer,

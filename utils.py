@@ -183,6 +183,9 @@ def setup_runtime(gpus=None):
         usable = usable_gpus(gpus)
         if usable:
             os.environ["CUDA_VISIBLE_DEVICES"] = usable
+        if not torch.cuda.is_available() and os.environ.get("RANK", "0") == "0":
+            print(f"notice: --gpus {gpus}: no usable GPU on this machine; running on the CPU",
+                  file=sys.stderr, flush=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -337,8 +340,9 @@ def free_log_path(model_path):
 
 class DeferredFileHandler(logging.Handler):
     """A log file opened only once the run's checks have passed (`open_log_file`): until then the
-    records wait in memory, so that a refused run leaves no `<model>.log` (docs/DESIGN.md#run-safety);
-    a run that never opens it (a mistake found by a check) writes no file."""
+    records wait in memory, so that a refused run leaves no `<model>.log`
+    (docs/DESIGN.md#run-safety); a run that never opens it (a mistake found by a check) writes no
+    file."""
 
     def __init__(self, model_path, fmt):
         super().__init__()
@@ -555,8 +559,8 @@ def output_error(path, error, written=None, needed=None):
         elif written is not None:
             parts.append(f"needed more than the {written / 1e6:.1f} MB written")
         with contextlib.suppress(OSError):
-            parts.append(f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:.1f}"
-                         f" MB free")
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            parts.append(f"{free / 1e6:.1f} MB free")
         if parts:
             why += f" ({', '.join(parts)})"
     return UserError(f"cannot write {path}: {why}")
