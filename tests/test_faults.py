@@ -401,3 +401,173 @@ def test_a_refused_run_creates_nothing(world, tmp_path, capfd, case, script, cha
             *words)
     assert os.listdir(out) == [], os.listdir(out)  # not even the folder of --model
     assert (snapshot(ckpt), sorted(os.listdir(ckpt))) == before  # no MODEL.log.N beside it
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Tools that would destroy files: toy_world.py and demo.py replace only what they wrote
+
+TOOLS = [
+    # (id, command line (OUT: the folder), files there before ("": the user's), words; None: ok)
+    ("toy-user-bert", ["toy_world.py", "{OUT}"], {"bert/vocab.txt": "mine"},
+     ["OUT_DIR", "{OUT}/bert", "not written by toy_world", "--overwrite"]),
+    ("toy-user-data", ["toy_world.py", "{OUT}"], {"data/mentions/train.json": "mine"},
+     ["{OUT}/data", "not written by toy_world"]),
+    ("toy-scale-user-data", ["toy_world.py", "{OUT}", "--zeshel_scale", "0.001"],
+     {"data/documents/x.json": "mine"}, ["{OUT}/data"]),
+    ("demo-user-retriever", ["demo.py", "--out", "{OUT}"],
+     {"retriever.pt": "mine", "retriever.pt.last": "mine"},
+     ["--out", "{OUT}/retriever.pt", "not written by demo", "--overwrite"]),
+    ("demo-user-summary", ["demo.py", "--out", "{OUT}"], {"summary.json": "mine"},
+     ["{OUT}/summary.json"]),
+    ("demo-user-cands", ["demo.py", "--out", "{OUT}"], {"cands/candidates_val.json": "mine"},
+     ["{OUT}/cands"]),
+    ("toy-twice", ["toy_world.py", "{OUT}"], "toy", None),
+    ("toy-overwrite", ["toy_world.py", "{OUT}", "--overwrite"], {"bert/vocab.txt": "mine"}, None),
+]
+
+
+@pytest.mark.parametrize("case,argv,files,words", TOOLS, ids=[t[0] for t in TOOLS])
+def test_tools_replace_only_their_own_files(tmp_path, case, argv, files, words):
+    out = tmp_path / "out"
+    if files == "toy":  # an earlier toy world there: its own files, replaced
+        from toy_world import make_toy_world
+        make_toy_world(str(out))
+        files = {}
+    for name, text in files.items():
+        os.makedirs((out / name).parent, exist_ok=True)
+        (out / name).write_text(text)
+    before = snapshot(out)
+    cmd = [a.format(OUT=out) for a in argv]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    if words is None:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (out / "bert" / "vocab.txt").read_text() != "mine"
+        return
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for word in words:
+        assert word.format(OUT=out) in lines[0], lines[0]
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(
+        {n.split("/")[0] for n in files})  # nothing replaced, nothing added
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. No tracebacks: one line, before the work where the output is the problem
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+ONE_LINERS = [
+    # (id, script and arguments ({tmp}: a fresh folder), files to write first, words)
+    ("report-recall-json-a-list", ["report.py", "{tmp}/c/recall.json"],
+     {"c/recall.json": '{"val": [1, 2]}'}, ["{tmp}/c/recall.json", "not a candidates file"]),
+    ("report-recall-json-bad-key", ["report.py", "{tmp}/c"],
+     {"c/recall.json": '{"test": {"macro": {"recall@one": 1}}}'}, ["{tmp}/c/recall.json"]),
+    ("report-recall-json-text-value", ["report.py", "{tmp}/c"],
+     {"c/recall.json": '{"val": {"macro": {"recall@1": "high"}}}'}, ["{tmp}/c/recall.json"]),
+    ("report-results-bad-val", ["report.py", "{tmp}/r/m.results.json"],
+     {"r/m.results.json": '{"k": 8, "val": [{"epoch": "one"}], "test": 3}'},
+     ["{tmp}/r/m.results.json", "not a retrieval file"]),
+    ("report-plot-onto-a-file", ["report.py", "{tmp}/r", "--plot", "{tmp}/fig.png"],
+     {"fig.png": "an image", "r/m.results.json": '{"k": 8, "val": [], "test": null}'},
+     ["--plot", "{tmp}/fig.png", "is a file"]),
+    ("demo-out-a-file", ["demo.py", "--out", "{tmp}/notes.txt"], {"notes.txt": "mine"},
+     ["--out", "{tmp}/notes.txt", "is a file"]),
+    ("gradient-bias-out-a-folder", ["gradient_bias.py", "--out", "{tmp}/folder", "--steps",
+                                    "100000"], {"folder/keep": ""},
+     ["--out", "{tmp}/folder", "is a folder"]),
+]
+
+
+@pytest.mark.parametrize("case,argv,files,words", ONE_LINERS, ids=[o[0] for o in ONE_LINERS])
+def test_one_line_instead_of_a_traceback(tmp_path, case, argv, files, words):
+    for name, text in files.items():
+        write(str(tmp_path / name), text)
+    before = snapshot(tmp_path)
+    cmd = [a.format(tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, cmd[0]), *cmd[1:]],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for word in words:
+        assert word.format(tmp=tmp_path) in lines[0], lines[0]
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Clear words: the flag to blame, a rerun said, a GPU that is not there, an ignored flag,
+# the input formats
+
+def test_the_words_of_a_run(world, tmp_path, capfd):
+    """In one real process: --gpus 0 on a machine without it, and flags the mode ignores, each
+    get a notice; --type_model dual with --max_len 7 runs (it takes one vector per side)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    paths = {**world, "out": str(tmp_path)}
+    argv = flags_argv({**BASE["R"], **UNTRAINED, "--gpus": "0", "--type_model": "dual",
+                       "--max_len": 7, "--type_cands": "hard_negative", "--cands_ratio": 0.5,
+                       "--num_mention_vecs": 16, "--quiet": False}, paths)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "main_retriever.py"), *argv],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "notice: --gpus 0: no usable GPU on this machine; running on the CPU" in r.stderr
+    assert "notice: --cands_ratio 0.5 has no effect: only --type_cands mixed_negative" in r.stdout
+    assert "notice: --num_mention_vecs 16 has no effect: --type_model dual" in r.stdout
+    assert "notice: --smoothing_value" not in r.stdout  # at its default: nothing to say
+
+
+WORDS = [
+    # (id, changed flags, words of the error)
+    ("sum_max-vectors-above-max_len", {"--type_model": "sum_max", "--num_mention_vecs": 8,
+                                       "--max_len": 7}, ["--num_mention_vecs", "--max_len is 7"]),
+    ("multi_vector-entity-vectors", {"--type_model": "multi_vector", "--num_entity_vecs": 9,
+                                     "--max_len": 8}, ["--num_entity_vecs", "--max_len is 8"]),
+]
+
+
+@pytest.mark.parametrize("case,changes,words", WORDS, ids=[w[0] for w in WORDS])
+def test_the_flag_to_blame(world, tmp_path, capfd, case, changes, words):
+    paths = {**world, "out": str(tmp_path)}
+    refused(capfd, "R", flags_argv({**BASE["R"], **UNTRAINED, **changes}, paths), tmp_path,
+            *words)
+
+
+FORMATS = [
+    # (id, how the mentions file of val is rewritten, error words; None: read as the original)
+    ("bom", lambda text: "\ufeff" + text, None),
+    ("pretty-printed-array", lambda text: json.dumps(
+        [json.loads(x) for x in text.splitlines()], indent=2), ["val.json:1", "JSON lines"]),
+    ("one-line-array", lambda text: json.dumps([json.loads(x) for x in text.splitlines()]),
+     ["val.json:1", "JSON array", "JSON lines"]),
+    ("pretty-printed-objects", lambda text: "\n".join(
+        json.dumps(json.loads(x), indent=1) for x in text.splitlines()), ["val.json:1",
+                                                                          "JSON lines"]),
+]
+
+
+@pytest.mark.parametrize("case,edit,words", FORMATS, ids=[f[0] for f in FORMATS])
+def test_input_formats(world, tmp_path, capfd, case, edit, words):
+    import data_loader
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    path = data / "mentions" / "val.json"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(edit(text))
+    if words is None:
+        zeshel = data_loader.Zeshel(str(data), ("val",))
+        assert [m["mention_id"] for m in zeshel.mentions["val"]] == [
+            json.loads(x)["mention_id"] for x in text.splitlines()]
+        return
+    with pytest.raises(SystemExit) as e:
+        data_loader.main(["--data_dir", str(data)])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]
