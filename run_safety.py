@@ -352,12 +352,15 @@ def _read_manifest(path, flag):
 
 def check_candidates_overwrite(cands_dir, producer, overwrite):
     """Stop before any work when `cands_dir` holds candidates of another checkpoint or other flags
-    (or of unknown origin: no manifest), unless --overwrite."""
+    (or of unknown origin: no manifest), unless --overwrite. Returns whether it holds the
+    complete candidates of this checkpoint and these flags (a rerun, which save_candidates.py
+    says)."""
     if overwrite or not os.path.isdir(cands_dir):
-        return
+        return False
     path = os.path.join(cands_dir, MANIFEST)
     if os.path.exists(path):
-        old = _read_manifest(path, "--cands_dir").get("producer") or {}
+        manifest = _read_manifest(path, "--cands_dir")
+        old = manifest.get("producer") or {}
         for part in ("checkpoint", "args"):
             theirs, mine = old.get(part) or {}, producer[part]
             for key in sorted(set(theirs) | set(mine)):
@@ -366,9 +369,11 @@ def check_candidates_overwrite(cands_dir, producer, overwrite):
                     die(f"--cands_dir: {cands_dir} holds candidates made with {what} "
                         f"{theirs.get(key)} (now {mine.get(key)}); pass --overwrite to replace "
                         f"them, or choose another --cands_dir")
-    elif any(n.startswith("candidates_") for n in os.listdir(cands_dir)):
+        return bool(manifest.get("complete"))
+    if any(n.startswith("candidates_") for n in os.listdir(cands_dir)):
         die(f"--cands_dir: {cands_dir} holds candidates files of unknown origin (no {MANIFEST}); "
             f"pass --overwrite to replace them, or choose another --cands_dir")
+    return False
 
 
 def begin_candidates(cands_dir, producer):

@@ -107,12 +107,12 @@ def main(argv=None):
     check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained), pretrained_flag,
                   loadable=False)
     producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
-    check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
+    rerun = check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
     with_runtime(args, lambda args, rt: save_candidates(args, rt, state, producer,
-                                                        pretrained_flag))
+                                                        pretrained_flag, rerun))
 
 
-def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained"):
+def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained", rerun=False):
     log = get_logger(os.path.join(args.cands_dir, "save_candidates"), rt.is_main, deferred=True)
     log_args(args, log)
     clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
@@ -128,6 +128,9 @@ def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained"):
     check_trained_encoder(state, model.mention_encoder.fingerprint, name, pretrained_flag)
     load_weights(model, state["model"], args.model, "--model")
     open_log_file(log)  # Run safety: every check passed
+    if rerun:
+        log.info("notice: %s holds the candidates of this checkpoint and these flags already; "
+                 "writing them again", args.cands_dir)
     model.to(device)
     clock.lap("model")
     ks, recalls = recall_ks(args.num_cands), {}

@@ -338,6 +338,22 @@ def free_log_path(model_path):
     return path
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that, when a line cannot be written (a full disk), says so in one line on
+    stderr and stops writing, instead of logging's traceback per line; stdout keeps the log."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if self.stream is not None:
+            print(f"notice: cannot write the log {self.baseFilename}: "
+                  f"{getattr(error, 'strerror', None) or error}; the log goes on on stdout only",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                self.stream.close()
+        self.stream = None
+        self.emit = lambda record: None
+
+
 class DeferredFileHandler(logging.Handler):
     """A log file opened only once the run's checks have passed (`open_log_file`): until then the
     records wait in memory, so that a refused run leaves no `<model>.log`
@@ -362,7 +378,7 @@ class DeferredFileHandler(logging.Handler):
             path = free_log_path(self.model_path)
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                self.file = logging.FileHandler(path)
+                self.file = _LogFile(path)
             except OSError as e:
                 raise output_error(path, e) from None
             self.file.setFormatter(self.formatter)

@@ -130,11 +130,13 @@ RERUNS = [
     ("R-old-checkpoint-other-path", "R", {"--data_dir": "{same_data}"}, {"old": True},
      ["--data_dir", "{same_data}", "does not record"]),
     ("R-same-data-moved", "R", {"--data_dir": "{same_data}"}, {}, None),
-    ("K-old-checkpoint-same-paths", "K", {}, {"old": True}, None),
+    pytest.param("K-old-checkpoint-same-paths", "K", {}, {"old": True}, None,
+                 marks=pytest.mark.slow, id="K-old-checkpoint-same-paths"),  # 13 s: a whole run
 ]
 
 
-@pytest.mark.parametrize("case,script,changes,saved,words", RERUNS, ids=[r[0] for r in RERUNS])
+@pytest.mark.parametrize("case,script,changes,saved,words", [
+    r if hasattr(r, "marks") else pytest.param(*r, id=r[0]) for r in RERUNS])
 def test_rerun_over_other_inputs(world, tmp_path, capfd, case, script, changes, saved, words):
     out = tmp_path / "out"
     out.mkdir()
@@ -571,3 +573,16 @@ def test_input_formats(world, tmp_path, capfd, case, edit, words):
     assert e.value.code == 2 and len(lines) == 1, lines
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def test_a_rerun_of_save_candidates_is_said(world, tmp_path, capfd):
+    paths = {**world, "out": str(tmp_path), "ckpt": os.path.join(world["ret"], "m.pt")}
+    argv = flags_argv({**BASE["S"], "--num_cands": 4}, paths)
+    said = []
+    for _ in range(2):
+        code, lines, stdout = run_in_process(SCRIPTS["S"], argv, capfd)
+        assert code == 0, lines
+        said.append("writing them again" in stdout)
+    assert said == [False, True]
+    assert sorted(n for n in os.listdir(tmp_path / "cands") if ".log" in n) == [
+        "save_candidates.log", "save_candidates.log.1"]
