@@ -34,7 +34,8 @@ import reranker
 from data_loader import (PRETRAINED, Zeshel, check_encoder, check_positions, load_encoder,
                          load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import candidates_fingerprint, check_candidates_manifest, cli_main
+from run_safety import (candidates_fingerprint, check_candidates_manifest, cli_main,
+                        ignored_flag_notices)
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
                    check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
@@ -43,7 +44,7 @@ SCRIPT = "main_reranker"
 SPLITS = ("train", "val", "test")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint path to write (required); also <model>.last, "
                                     ".log, .results.json")
@@ -65,7 +66,25 @@ def parse_args(argv=None):
                    help="model folder or name (default: bert-base/large-uncased by --type_bert)")
     p.add_argument("--inputmark", action="store_true", help="wrap mentions in [unused0]/[unused1]")
     add_compatibility_args(p, "fp16_opt_level")
-    return check_args(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None):
+    return check_args(build_parser().parse_args(argv))
+
+
+def _full(args):
+    return args.type_model == "full"
+
+
+# Flags the chosen --type_model ignores: a value given is said to do nothing.
+IGNORED_BY_MODE = tuple(
+    (name, _full, lambda a: "--type_model full scores [CLS] of the pair, no retriever vectors")
+    for name in ("num_mention_vecs", "num_entity_vecs", "mention_use_codes", "entity_use_codes")
+) + (("inputmark", lambda a: not _full(a),
+      lambda a: f"--type_model {a.type_model} uses the retriever's windows, marked always"),
+     ("init", lambda a: not _full(a),
+      lambda a: f"--type_model {a.type_model} has no score layer to initialise"))
 
 
 def check_args(args):
@@ -207,6 +226,7 @@ def train_reranker(args, rt):
     run = TrainingRun(SCRIPT, args, rt, {"eval_method": args.eval_method, "val": [], "test": None},
                       criterion="acc_unorm", ties_replace=False)
     log, clock = run.log, run.clock
+    ignored_flag_notices(args, build_parser(), IGNORED_BY_MODE, log)
     state = run.resume_state()  # the flags checked against the saved run's
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)

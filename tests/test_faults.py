@@ -586,3 +586,25 @@ def test_a_rerun_of_save_candidates_is_said(world, tmp_path, capfd):
     assert said == [False, True]
     assert sorted(n for n in os.listdir(tmp_path / "cands") if ".log" in n) == [
         "save_candidates.log", "save_candidates.log.1"]
+
+
+IGNORED = [
+    # (id, changed reranker flags, notices the log must hold)
+    ("full-with-vectors", {"--num_entity_vecs": 16, "--mention_use_codes": True},
+     ["--num_entity_vecs 16 has no effect", "--mention_use_codes True has no effect"]),
+    ("dual-with-inputmark-and-init", {"--type_model": "dual", "--inputmark": True,
+                                      "--init": 0.05},
+     ["--inputmark True has no effect", "--init 0.05 has no effect"]),
+]
+
+
+@pytest.mark.parametrize("case,changes,notices", IGNORED, ids=[i[0] for i in IGNORED])
+def test_flags_the_reranker_mode_ignores_are_said(world, tmp_path, capfd, case, changes,
+                                                  notices):
+    paths = {**world, "out": str(tmp_path)}
+    code, lines, stdout = run_in_process(SCRIPTS["K"], flags_argv(
+        {**BASE["K"], **UNTRAINED, **changes}, paths), capfd)
+    assert code == 0, lines
+    for words in notices:
+        assert f"notice: {words}" in stdout, stdout[-2000:]
+    assert stdout.count("has no effect") == len(notices)
