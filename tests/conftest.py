@@ -24,6 +24,7 @@ SLOW = (
     "test_run_safety.py::test_a_loss_gone_non_finite_after_a_saved_epoch_leaves_it_intact",
     "test_sweep.py::test_tiny_sweep_runs_skips_finished_and_resumes_interrupted",
     "test_faults.py::test_rerun_over_other_inputs[K-old-checkpoint-same-paths]",
+    "test_faults.py::test_flags_the_reranker_mode_ignores_are_said[dual-with-inputmark-and-init]",
 )
 
 

@@ -592,13 +592,15 @@ IGNORED = [
     # (id, changed reranker flags, notices the log must hold)
     ("full-with-vectors", {"--num_entity_vecs": 16, "--mention_use_codes": True},
      ["--num_entity_vecs 16 has no effect", "--mention_use_codes True has no effect"]),
-    ("dual-with-inputmark-and-init", {"--type_model": "dual", "--inputmark": True,
-                                      "--init": 0.05},
-     ["--inputmark True has no effect", "--init 0.05 has no effect"]),
+    pytest.param("dual-with-inputmark-and-init", {"--type_model": "dual", "--inputmark": True,
+                                                  "--init": 0.05},
+                 ["--inputmark True has no effect", "--init 0.05 has no effect"],
+                 marks=pytest.mark.slow, id="dual-with-inputmark-and-init"),  # 14 s
 ]
 
 
-@pytest.mark.parametrize("case,changes,notices", IGNORED, ids=[i[0] for i in IGNORED])
+@pytest.mark.parametrize("case,changes,notices", [
+    i if hasattr(i, "marks") else pytest.param(*i, id=i[0]) for i in IGNORED])
 def test_flags_the_reranker_mode_ignores_are_said(world, tmp_path, capfd, case, changes,
                                                   notices):
     paths = {**world, "out": str(tmp_path)}
