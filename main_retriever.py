@@ -26,8 +26,8 @@ import torch
 from data_loader import PRETRAINED, Zeshel, check_positions, pretrained_name
 from retriever import (TYPE_CANDS, add_scorer_args, check_scorer_args, check_worlds_hold,
                        encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
-                       rank_split, ranking_entry)
-from run_safety import cli_main
+                       rank_split, ranking_entry, vector_counts)
+from run_safety import cli_main, ignored_flag_notices
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
                    check_flag, check_positive, epoch_generator, set_seed, unwrap, with_runtime)
@@ -35,7 +35,7 @@ from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dty
 SCRIPT = "main_retriever"
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model",
                    help="checkpoint path (required); also <model>.last, .log, .results.json")
@@ -63,7 +63,29 @@ def parse_args(argv=None):
                    help="mentions per encoder batch in mining")
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
     add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path")
-    return check_args(p.parse_args(argv))
+    return p
+
+
+def parse_args(argv=None):
+    return check_args(build_parser().parse_args(argv))
+
+
+# Flags the chosen --type_cands or --type_model ignores: a value given is said to do nothing.
+IGNORED_BY_MODE = (
+    ("cands_ratio", lambda a: a.type_cands != "mixed_negative",
+     lambda a: f"only --type_cands mixed_negative mixes random negatives in (--type_cands "
+               f"{a.type_cands})"),
+    ("smoothing_value", lambda a: a.type_cands not in ("hard_negative", "hard_adjusted_negative"),
+     lambda a: f"only hard_negative and hard_adjusted_negative sample (--type_cands "
+               f"{a.type_cands})"),
+    ("exclude_golds", lambda a: a.type_cands == "random_negative",
+     lambda a: "--type_cands random_negative mines nothing (random negatives never hold the "
+               "gold)"),
+    ("num_mention_vecs", lambda a: vector_counts(a.type_model, 2, 2)[0] == 1,
+     lambda a: f"--type_model {a.type_model} takes one mention vector"),
+    ("num_entity_vecs", lambda a: vector_counts(a.type_model, 2, 2)[1] == 1,
+     lambda a: f"--type_model {a.type_model} takes one entity vector"),
+)
 
 
 # --random_negatives: where an epoch's random negatives are drawn from
@@ -96,9 +118,11 @@ def check_args(args):
     return args
 
 
-def load_data_and_model(args, log, rt, clock):
+def load_data_and_model(args, run, rt):
     """(the tokenized splits the run needs (train only when it trains), the retriever), after
-    checking --k and --num_cands against the entity sets and --max_len against the encoder."""
+    checking --k and --num_cands against the entity sets, --max_len against the encoder, and the
+    data and encoder against those of the run resumed or replaced (run.inputs_checked)."""
+    log, clock = run.log, run.clock
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_worlds_hold(zeshel, ("val", "test"), args.k, "--k")
     if args.epochs > 0:
@@ -111,6 +135,7 @@ def load_data_and_model(args, log, rt, clock):
                                       args.num_mention_vecs, args.num_entity_vecs,
                                       args.mention_use_codes, args.entity_use_codes)
     check_positions(model.mention_encoder, args.max_len, "--max_len")
+    run.inputs_checked(data=zeshel.fingerprint(), encoder=model.mention_encoder.fingerprint)
     splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")
     pin = rt.device.type == "cuda"
     data = {s: encode_retriever_split(tokenizer, zeshel, s, args.max_len, pin, rt) for s in splits}
@@ -124,7 +149,7 @@ def load_data_and_model(args, log, rt, clock):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    start_training(args, SCRIPT)  # run safety: paths, lock, signals, overwrite protection
+    start_training(args, SCRIPT, pretrained_name("--pre_model", args.pre_model, args.pretrained))
     with_runtime(args, train_retriever)
 
 
@@ -148,10 +173,11 @@ def train_retriever(args, rt):
     run = TrainingRun(SCRIPT, args, rt, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
     log, clock = run.log, run.clock
+    ignored_flag_notices(args, build_parser(), IGNORED_BY_MODE, log)
     state = run.resume_state()  # the flags checked against the saved run's
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
-    data, model = load_data_and_model(args, log, rt, clock)
+    data, model = load_data_and_model(args, run, rt)
     train = data.get("train")
     train_model = run.start(model.to(device), len(train.golds) if train else 0, dtype, state)
     stream = dict(entity_bsz=args.entity_bsz, device=device, dtype=dtype, rt=rt, quiet=run.quiet)

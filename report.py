@@ -23,8 +23,8 @@ import sys
 
 from recipe import (HARD_SHARES, PAPER_TEST_RECALL, PAPER_VAL_RECALL, PEER_ACCURACY,
                     PEER_RECALL, SCORERS, split_flags)
-from run_safety import cli_main
-from utils import ArgumentParser, die
+from run_safety import check_output_dir, cli_main
+from utils import ArgumentParser, atomic_open, die
 
 
 def find_files(paths):
@@ -360,7 +360,8 @@ def plot(groups, folder):
     def save(fig, name):
         path = os.path.join(folder, name)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with atomic_open(path, "wb") as f:  # whole or not at all; a write error is one line
+            fig.savefig(f, format="png", dpi=120)
         plt.close(fig)
         written.append(path)
 
@@ -424,13 +425,21 @@ def main(argv=None):
                         help="also write PNG figures (val per epoch, training loss, per world)")
     args = parser.parse_args(argv)
     if args.plot:
+        check_output_dir(args.plot, "--plot")  # a file there: one line, before any output
         pyplot()  # before any output: stop at once when matplotlib is absent
     groups = {"retrieval": [], "candidates": [], "linking": []}
+    makers = {"retrieval": retrieval_rows, "candidates": candidate_rows, "linking": linking_rows}
     for path in find_files(args.paths):
         obj = load(path)
         k = kind(obj)
         if k:
-            groups[k].append((run_name(path), path, obj))
+            run = (run_name(path), path, obj)
+            try:  # a file of the expected name but another structure: one line naming it
+                makers[k]([run])
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                die(f"{path}: not a {k} file of this project ({type(e).__name__}: {e}); remove "
+                    f"it or pass other paths")
+            groups[k].append(run)
     if not any(groups.values()) and not args.paper:
         die(f"no *.results.json or recall.json found in {' '.join(args.paths)}")
     if args.paper:
@@ -439,8 +448,6 @@ def main(argv=None):
         titles = {"retrieval": "Retrieval (recall@k over the split's entities, %)",
                   "candidates": "Candidates (recall@k within each world, %)",
                   "linking": "Linking accuracy (%)"}
-        makers = {"retrieval": retrieval_rows, "candidates": candidate_rows,
-                  "linking": linking_rows}
         blocks = []
         for k, runs in groups.items():
             if runs:

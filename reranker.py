@@ -13,6 +13,7 @@ linking accuracies.
 
 `main_reranker.py` holds the run itself.
 """
+import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -255,16 +256,21 @@ class FullRanker(nn.Module):
         std = init if init > 0 else encoder.config.initializer_range
         nn.init.normal_(self.score.weight, std=std)
         nn.init.zeros_(self.score.bias)
+        # Segment ids only for encoders that have segment embeddings (BERT, ELECTRA, ALBERT):
+        # RoBERTa has one type, DistilBERT none.
+        self.use_types = (getattr(encoder.config, "type_vocab_size", 0) or 0) >= 2 and \
+            "token_type_ids" in inspect.signature(encoder.forward).parameters
 
     def forward(self, ids, types, mask):
         """ids, types, mask (B, C, L) -> scores (B, C), float32. A row whose mask is all zero (a
         missing candidate) is not encoded and scores -inf."""
         B, C, L = ids.shape
         present = mask[:, :, 0].reshape(-1).bool()  # (B*C,) a real pair attends to its [CLS]
+        segments = {"token_type_ids": types.view(B * C, L)[present]} if self.use_types else {}
         out = self.encoder(input_ids=ids.view(B * C, L)[present],
-                           token_type_ids=types.view(B * C, L)[present],
-                           attention_mask=mask.view(B * C, L)[present])
-        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+                           attention_mask=mask.view(B * C, L)[present], **segments)
+        pooled = getattr(out, "pooler_output", None)
+        pooled = pooled if pooled is not None else out.last_hidden_state[:, 0]
         with torch.autocast(device_type=ids.device.type, enabled=False):
             s = self.score(self.dropout(pooled.float())).squeeze(-1)  # (P,)
         scores = torch.full((B * C,), float("-inf"), dtype=s.dtype, device=s.device)

@@ -159,13 +159,14 @@ def add_scorer_args(parser, type_models=TYPE_MODELS, default="dual", vecs=8, not
 
 
 def check_scorer_args(args, length, length_flag):
-    """--num_*_vecs positive and, without codes, no more than the `length` token states of a
-    window (`length_flag`)."""
+    """--num_*_vecs positive and, without codes, the vectors the scorer takes of a side
+    (vector_counts) no more than the `length` token states of a window (`length_flag`)."""
     check_positive(args, "num_mention_vecs", "num_entity_vecs")
-    for side in ("mention", "entity"):
-        n = getattr(args, f"num_{side}_vecs")
+    used = vector_counts(args.type_model, args.num_mention_vecs, args.num_entity_vecs)
+    for side, n in zip(("mention", "entity"), used):  # dual takes one vector: no --num_*_vecs
         check_flag(getattr(args, f"{side}_use_codes") or n <= length, f"--num_{side}_vecs",
-                   f"{n} token states asked for but {length_flag} is {length}")
+                   f"{n} token states asked for but {length_flag} is {length} (lower "
+                   f"--num_{side}_vecs or raise {length_flag})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +293,11 @@ def check_same_model(args, trained, path):
 
 
 def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
-                   mention_use_codes=False, entity_use_codes=False):
-    """(tokenizer, Retriever) built from a pretrained folder or hub name."""
-    tokenizer = load_tokenizer(pretrained)
-    encoder = load_encoder(pretrained, tokenizer)
+                   mention_use_codes=False, entity_use_codes=False, flag="--pretrained"):
+    """(tokenizer, Retriever) built from a pretrained folder or hub name (`flag`: what named it,
+    in errors)."""
+    tokenizer = load_tokenizer(pretrained, flag)
+    encoder = load_encoder(pretrained, tokenizer, flag)
     return tokenizer, Retriever(encoder, type_model, num_mention_vecs, num_entity_vecs,
                                 mention_use_codes, entity_use_codes)
 

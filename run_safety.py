@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from utils import UserError, check_flag, die, load_checkpoint, log_to_file, notice, unwrap, write_json
+from utils import (Stopped, UserError, check_flag, die, load_checkpoint, log_to_file, notice,
+                   output_error, recorded_args, signal_deferred, unwrap, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -26,6 +27,15 @@ def check_finite_flags(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             die(f"--{name}: {value} is not a finite number")
+
+
+def ignored_flag_notices(args, parser, rules, log):
+    """One log notice per flag given a value other than its default that the chosen mode
+    ignores. `rules`: [(flag name, ignored(args) -> bool, why(args) -> str)]."""
+    for name, ignored, why in rules:
+        value = getattr(args, name)
+        if value != parser.get_default(name) and ignored(args):
+            log.info("notice: --%s %s has no effect: %s", name, value, why(args))
 
 
 def check_output_file(path, flag):
@@ -72,8 +82,11 @@ MAY_MOVE = frozenset({"model", "data_dir", "data", "cands_dir", "pretrained"})
 
 
 # One checkpoint schema for both trainers: `<model>` holds CHECKPOINT_KEYS, `<model>.last` these
-# and TRAINING_STATE_KEYS. "script" names the script that wrote it ("main_retriever").
-CHECKPOINT_KEYS = ("script", "args", "model", "epoch", "step", "best_score", "results")
+# and TRAINING_STATE_KEYS. "script" names the script that wrote it ("main_retriever"), "inputs"
+# what its data and encoder (and candidates) held (check_inputs; absent from checkpoints written
+# before it was recorded, which are still read: OPTIONAL_KEYS).
+CHECKPOINT_KEYS = ("script", "args", "inputs", "model", "epoch", "step", "best_score", "results")
+OPTIONAL_KEYS = ("inputs",)
 
 
 TRAINING_STATE_KEYS = CHECKPOINT_KEYS + ("optimizer", "scheduler", "scaler", "losses", "rng")
@@ -125,7 +138,7 @@ def load_run_checkpoint(path, script, flag="--model", training_state=False):
                f"{writer + '.py' if writer else 'another program'}, not by {script}.py")
     keys, what = ((TRAINING_STATE_KEYS, "training state") if training_state
                   else (CHECKPOINT_KEYS, "checkpoint"))
-    missing = [k for k in keys if k not in state]
+    missing = [k for k in keys if k not in state and k not in OPTIONAL_KEYS]
     check_flag(not missing, flag, f"{path} is not a whole {what} of {script}.py "
                f"(no {missing[:1]})")
     return state
@@ -140,7 +153,7 @@ def load_weights(model, weights, path, flag):
 
 def check_resume_flags(args, state, path, script):
     """Stop unless the training state at `path` was written by `script` with the flags of this run
-    (but MAY_DIFFER); a moved path (MAY_MOVE) is a notice."""
+    (but MAY_DIFFER and the paths of MAY_MOVE, whose content check_inputs compares)."""
     writer = checkpoint_script(state)
     saved = state.get("args") if isinstance(state, dict) else None
     if not isinstance(saved, dict) or writer not in (None, script):
@@ -149,14 +162,14 @@ def check_resume_flags(args, state, path, script):
     for flag, old, new in differing_flags(args, saved):
         die(f"--{flag}: {path} was trained with --{flag} {old}; resuming with {new} would change "
             f"what is trained or measured (resume with --{flag} {old}, or start a new --model)")
-    for flag, old, new in differing_flags(args, saved, MAY_DIFFER):
-        notice(f"--{flag} was {old} in the run of {path}, now {new}")
 
 
 def check_overwrite(args, script, flag="--model"):
     """Stop before any work when `<model>`, `<model>.last` or `<model>.results.json` exist and
     were written by another script or with other flags (but MAY_DIFFER and MAY_MOVE): they are
-    replaced only by a rerun of the same run, `--resume_training`, or with `--overwrite`."""
+    replaced only by a rerun of the same run, `--resume_training`, or with `--overwrite`. The
+    checkpoints found are kept for check_inputs, which compares what their paths hold."""
+    _RUN["replaces"] = []
     if getattr(args, "overwrite", False) or getattr(args, "resume_training", False):
         return
     paths = [args.model + ".last", args.model]
@@ -175,6 +188,122 @@ def check_overwrite(args, script, flag="--model"):
         for name, old, new in differing_flags(args, state["args"]):
             die(f"{flag}: {path} holds a run with --{name} {old} (now {new}); pass --overwrite to "
                 f"replace it, --resume_training to continue it, or choose another {flag}")
+        _RUN["replaces"].append((path, state["args"], state.get("inputs"), state.get("epoch")))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run's paths hold: a checkpoint records its inputs by content ("inputs": {name:
+# fingerprint}, data_loader.Zeshel.fingerprint and encoder_fingerprint), so that a path may move
+# (MAY_MOVE) only when what it points to is the same.
+
+INPUT_FLAGS = {"data": "data_dir", "encoder": "pretrained", "cands": "cands_dir"}
+OTHER = {"data": "other data", "encoder": "another encoder", "cands": "other candidates"}
+
+
+def checkpoint_args(args):
+    """The arguments a checkpoint records: recorded_args, with the paths of its inputs absolute
+    (a relative path would name other files from another folder)."""
+    return {k: (os.path.abspath(v) if k in INPUT_FLAGS.values() and isinstance(v, str)
+                and os.path.exists(v) else v)
+            for k, v in recorded_args(args).items()}
+
+
+def _same_path(a, b):
+    norm = [os.path.abspath(p) if isinstance(p, str) and os.path.exists(p) else p for p in (a, b)]
+    return norm[0] == norm[1]
+
+
+def _what_differs(name, old, new):
+    if name == "data":
+        def said(fp):
+            return ("none" if fp is None else f"{fp['mentions']} mentions, {fp['entities']} "
+                    f"entities, sha256 {fp['sha256'][:12]}")
+        split = next(s for s in sorted(set(old) | set(new)) if old.get(s) != new.get(s))
+        return f"{split}: {said(old.get(split))}, now {said(new.get(split))}"
+    parts = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f"its {' and '.join(parts)} differ"
+
+
+def input_differences(saved_args, saved_inputs, args, inputs):
+    """[(flag, old path, new path, why)] for each input of `inputs` ({name: fingerprint}) that is
+    not what the checkpoint of `saved_args` / `saved_inputs` used: another content, or, for a
+    checkpoint without fingerprints, another path. And [(flag, old, new)] of those moved with the
+    same content."""
+    differ, moved = [], []
+    for name, fingerprint in inputs.items():
+        key = INPUT_FLAGS[name]
+        old_path, new_path = saved_args.get(key), getattr(args, key, None)
+        old = (saved_inputs or {}).get(name)
+        if old is None:
+            if not _same_path(old_path, new_path):
+                differ.append((key, old_path, new_path, "it does not record what that held"))
+        elif old != fingerprint:
+            differ.append((key, old_path, new_path, _what_differs(name, old, fingerprint)))
+        elif not _same_path(old_path, new_path):
+            moved.append((key, old_path, new_path))
+    return differ, moved
+
+
+def check_inputs(args, inputs, resumed=None):
+    """After the inputs are loaded, before anything is written: stop when the run resumed
+    (`resumed`: (path, its args, its inputs)) or the files it would replace (check_overwrite)
+    used other data, another encoder or other candidates than `inputs` (by content, whatever
+    the paths), naming the flag, the old and the new path. A path moved with the same content is
+    a notice; so is a rerun of a finished run with the same flags and inputs."""
+    checked = [resumed] if resumed else [r[:3] for r in _RUN.get("replaces", [])]
+    for path, saved_args, saved_inputs in checked:
+        differ, moved = input_differences(saved_args, saved_inputs, args, inputs)
+        for key, old, new, why in differ:
+            if resumed:
+                die(f"--{key}: {path} was trained with --{key} {old}, and --{key} {new} is not "
+                    f"the same ({why}); resume with what it was trained on, or start a new "
+                    f"--model")
+            die(f"--{key}: {path} holds a run with --{key} {old}, and --{key} {new} is not the "
+                f"same ({why}); pass --overwrite to replace it, or choose another --model")
+        for key, old, new in moved:
+            notice(f"--{key} was {old} in the run of {path}, now {new}: the same content")
+    if not resumed and _RUN.get("replaces"):
+        path, _, _, epoch = _RUN["replaces"][0]
+        notice(f"{path} holds a run with these flags (epoch {epoch}); this run starts it again "
+               f"and replaces its files (--resume_training continues it instead)")
+
+
+def check_trained_encoder(state, fingerprint, name, flag):
+    """save_candidates.py: stop unless the encoder loaded from `name` is the one the retriever
+    checkpoint `state` was trained from (its config and vocabulary; its weights are the
+    checkpoint's). `flag` says where `name` came from."""
+    old = (state.get("inputs") or {}).get("encoder")
+    if old is None:
+        return
+    parts = [k for k in ("config", "vocabulary") if old.get(k) != fingerprint.get(k)]
+    if parts:
+        die(f"{flag}: {name} is not the encoder the checkpoint was trained with (its "
+            f"{' and '.join(parts)} differ); pass --pretrained with that encoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# A tool's own output folder (toy_world.py OUT, demo.py --out DIR): it replaces only what its
+# record says it wrote there.
+
+def claim_outputs(folder, tool, names, overwrite=False, flag="--out"):
+    """Before `tool` writes the entries `names` (files or folders, relative to `folder`): stop
+    with one line naming the first that exists but is not in the tool's record
+    `folder/.<tool>.outputs.json` (a user's file, or another program's), unless `overwrite`; then
+    record them, before writing, so that a tool stopped half-way still owns what it began."""
+    check_output_dir(folder, flag)
+    record = os.path.join(folder, f".{tool}.outputs.json")
+    owned = set()
+    if os.path.isfile(record):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            with open(record, encoding="utf-8") as f:
+                owned = set(json.load(f).get("outputs", []))
+    if not overwrite:
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.lexists(path) and name not in owned:
+                die(f"{flag}: {path} exists and was not written by {tool}; pass --overwrite to "
+                    f"replace it, or choose another {flag}")
+    write_json({"tool": tool, "outputs": sorted(owned | set(names))}, record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +320,13 @@ def file_digest(path):
             h.update(block)
             size += len(block)
     return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def candidates_fingerprint(cands_dir, splits):
+    """The candidates files of `splits` by content: {split: sha256, or None for a missing file,
+    which reading it reports} (for check_inputs)."""
+    paths = {s: os.path.join(cands_dir, f"candidates_{s}.json") for s in splits}
+    return {s: file_digest(p)["sha256"] if os.path.isfile(p) else None for s, p in paths.items()}
 
 
 def candidates_producer(args, state):
@@ -216,12 +352,15 @@ def _read_manifest(path, flag):
 
 def check_candidates_overwrite(cands_dir, producer, overwrite):
     """Stop before any work when `cands_dir` holds candidates of another checkpoint or other flags
-    (or of unknown origin: no manifest), unless --overwrite."""
+    (or of unknown origin: no manifest), unless --overwrite. Returns whether it holds the
+    complete candidates of this checkpoint and these flags (a rerun, which save_candidates.py
+    says)."""
     if overwrite or not os.path.isdir(cands_dir):
-        return
+        return False
     path = os.path.join(cands_dir, MANIFEST)
     if os.path.exists(path):
-        old = _read_manifest(path, "--cands_dir").get("producer") or {}
+        manifest = _read_manifest(path, "--cands_dir")
+        old = manifest.get("producer") or {}
         for part in ("checkpoint", "args"):
             theirs, mine = old.get(part) or {}, producer[part]
             for key in sorted(set(theirs) | set(mine)):
@@ -230,9 +369,11 @@ def check_candidates_overwrite(cands_dir, producer, overwrite):
                     die(f"--cands_dir: {cands_dir} holds candidates made with {what} "
                         f"{theirs.get(key)} (now {mine.get(key)}); pass --overwrite to replace "
                         f"them, or choose another --cands_dir")
-    elif any(n.startswith("candidates_") for n in os.listdir(cands_dir)):
+        return bool(manifest.get("complete"))
+    if any(n.startswith("candidates_") for n in os.listdir(cands_dir)):
         die(f"--cands_dir: {cands_dir} holds candidates files of unknown origin (no {MANIFEST}); "
             f"pass --overwrite to replace them, or choose another --cands_dir")
+    return False
 
 
 def begin_candidates(cands_dir, producer):
@@ -278,19 +419,11 @@ def check_candidates_manifest(cands_dir, names, flag="--cands_dir"):
 _RUN = {}
 
 
-class Stopped(BaseException):
-    """SIGTERM or SIGINT: the run ends like a clean stop (a BaseException, as KeyboardInterrupt,
-    so that no `except Exception` swallows it)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
 def _on_signal(signum, frame):
     if os.getpid() != _RUN.get("pid"):  # a forked data loader worker: the main process stops
         os._exit(128 + signum)
+    if signal_deferred(signum):  # a file is being written: the stop comes when it is whole
+        return
     for s in (signal.SIGTERM, signal.SIGINT):  # a second signal must not break the cleanup
         signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
@@ -298,10 +431,15 @@ def _on_signal(signum, frame):
 
 def take_lock(path, flag):
     """Hold `path` (fcntl.flock, pid and host written in it) until `release_lock`; stop with one
-    line naming the other process when another run holds it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line naming the other process when another run holds it. The folders it makes are removed
+    again by `release_lock` when the run left them empty (a refused run creates nothing)."""
+    made = make_folders(os.path.dirname(os.path.abspath(path)), flag)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            remove_empty_folders(made)
+            raise output_error(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -310,6 +448,7 @@ def take_lock(path, flag):
                 break
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
+            remove_empty_folders(made)
             die(f"{flag}: another run is writing there ({holder} holds {path}); wait for it to "
                 f"end, or choose another {flag}")
         try:  # the previous holder may have removed the file between our open and flock
@@ -321,7 +460,30 @@ def take_lock(path, flag):
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _MADE[path] = made
     return fd
+
+
+_MADE = {}  # lock path -> the folders take_lock made for it, deepest first
+
+
+def make_folders(folder, flag):
+    """Make `folder` and its missing parents; returns those made, deepest first."""
+    made, f = [], os.path.abspath(folder)
+    while not os.path.exists(f):
+        made.append(f)
+        f = os.path.dirname(f)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise output_error(folder, e) from None
+    return made
+
+
+def remove_empty_folders(folders):
+    for f in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(f)  # only when empty
 
 
 def release_lock(path, fd):
@@ -329,15 +491,17 @@ def release_lock(path, fd):
         os.unlink(path)  # while still held: a waiting run then locks a fresh file
     with contextlib.suppress(OSError):
         os.close(fd)
+    remove_empty_folders(_MADE.pop(path, []))
 
 
-def start_run(lock, flag, last=None, folder=None):
+def start_run(lock, flag, last=None, folder=None, best=None):
     """Before any work: take the run's lock file `lock` (main process only; `flag` names the
     output in the error when another run holds it) and turn SIGTERM and SIGINT into a clean stop
-    whose message says where the last complete state is: the training state `last`, or the
-    candidate folder `folder`."""
+    whose message says where the last complete state is: the training state `last` (and the
+    best checkpoint `best`), or the candidate folder `folder`."""
     end_run()  # a previous run in this process (tests call main() several times)
-    _RUN.update(pid=os.getpid(), last=last, flag=flag, dir=folder)
+    _RUN.clear()
+    _RUN.update(pid=os.getpid(), last=last, flag=flag, dir=folder, best=best)
     if os.environ.get("RANK", "0") == "0":
         _RUN["lock"] = (lock, take_lock(lock, flag))
     with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
@@ -374,6 +538,10 @@ def stop_message(name):
             epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
             return (f"stopped by {name} after epoch {epoch}; continue with --resume_training "
                     f"(the state of epoch {epoch} is in {last})")
+    best = _RUN.get("best")
+    if best and os.path.isfile(best):
+        return (f"stopped by {name} before a training state was saved: {best} holds a model "
+                f"but there is no {last} to resume from; run again to train it")
     return f"stopped by {name} before the first epoch ended; nothing was saved"
 
 

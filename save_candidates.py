@@ -13,18 +13,21 @@ macro and micro averages (also printed as a table). The model's shape (`--type_m
 flags do not give it; a flag that contradicts the checkpoint stops the run. Float32 by default,
 `--bf16` / `--fp16` for mixed precision. `--store_en_hiddens` and `--en_hidden_path` are accepted
 for the original's command line and do nothing: entity vectors are streamed, never stored.
+The log is `CANDS_DIR/save_candidates.log` (`.log.1`, ... beside an earlier one), created once
+every check passed. The encoder (`--pretrained`, by default the absolute path the checkpoint
+records) must be the one the retriever was trained from: its config and vocabulary are checked.
 """
 import os
 
-from data_loader import PRETRAINED, Zeshel, pretrained_name
+from data_loader import PRETRAINED, Zeshel, check_encoder, pretrained_name
 from retriever import (TYPE_MODELS, add_scorer_args, check_same_model, check_worlds_hold,
                        encode_retriever_split, load_retriever, rank_split, recall_ks, recall_table)
 from run_safety import (begin_candidates, candidates_producer, check_candidates_overwrite,
-                        check_finite_flags, check_output_dir, cli_main, finish_candidates,
-                        load_run_checkpoint, load_weights, start_run)
+                        check_finite_flags, check_output_dir, check_trained_encoder, cli_main,
+                        finish_candidates, load_run_checkpoint, load_weights, start_run)
 from utils import (ArgumentParser, StageClock, add_compatibility_args, add_data_arg,
                    add_precision_args, amp_dtype, check_flag, check_positive, get_logger, log_args,
-                   with_runtime, write_json, write_jsonl)
+                   open_log_file, with_runtime, write_json, write_jsonl)
 
 SPLITS = ("train", "val", "test")
 # Read from the checkpoint when not given
@@ -37,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="retriever checkpoint of main_retriever.py (required)")
     add_data_arg(p, "--data_dir")
     p.add_argument("--cands_dir",
-                   help="folder for candidates_<split>.json and recall.json (required)")
+                   help="folder for candidates_<split>.json, recall.json, manifest.json and the "
+                        "log save_candidates.log (required)")
     p.add_argument("--num_cands", type=int, default=64, help="candidates per mention")
     p.add_argument("--pre_model", default=None, choices=list(PRETRAINED["--pre_model"]),
                    help="default: the checkpoint's")
@@ -70,6 +74,8 @@ def resolve_shape(args, trained):
     check_same_model(args, trained, args.model)
     if args.pretrained is None:
         args.pretrained = trained.get("pretrained")
+        return f"--pretrained (from the checkpoint {args.model})"
+    return "--pretrained"
 
 
 def format_table(recalls, ks):
@@ -97,14 +103,17 @@ def main(argv=None):
     start_run(os.path.join(args.cands_dir, "candidates.lock"), "--cands_dir",
               folder=args.cands_dir)
     state = load_run_checkpoint(args.model, "main_retriever")
-    resolve_shape(args, state["args"])
+    pretrained_flag = resolve_shape(args, state["args"])
+    check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained), pretrained_flag,
+                  loadable=False)
     producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
-    check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
-    with_runtime(args, lambda args, rt: save_candidates(args, rt, state["model"], producer))
+    rerun = check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
+    with_runtime(args, lambda args, rt: save_candidates(args, rt, state, producer,
+                                                        pretrained_flag, rerun))
 
 
-def save_candidates(args, rt, weights, producer):
-    log = get_logger(args.model, rt.is_main)
+def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained", rerun=False):
+    log = get_logger(os.path.join(args.cands_dir, "save_candidates"), rt.is_main, deferred=True)
     log_args(args, log)
     clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     quiet = args.quiet or not rt.is_main
@@ -112,11 +121,16 @@ def save_candidates(args, rt, weights, producer):
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
     clock.lap("loading and checking")
-    tokenizer, model = load_retriever(pretrained_name("--pre_model", args.pre_model,
-                                                      args.pretrained), args.type_model,
-                                      args.num_mention_vecs, args.num_entity_vecs,
-                                      args.mention_use_codes, args.entity_use_codes)
-    load_weights(model, weights, args.model, "--model")
+    name = pretrained_name("--pre_model", args.pre_model, args.pretrained)
+    tokenizer, model = load_retriever(name, args.type_model, args.num_mention_vecs,
+                                      args.num_entity_vecs, args.mention_use_codes,
+                                      args.entity_use_codes, flag=pretrained_flag)
+    check_trained_encoder(state, model.mention_encoder.fingerprint, name, pretrained_flag)
+    load_weights(model, state["model"], args.model, "--model")
+    open_log_file(log)  # Run safety: every check passed
+    if rerun:
+        log.info("notice: %s holds the candidates of this checkpoint and these flags already; "
+                 "writing them again", args.cands_dir)
     model.to(device)
     clock.lap("model")
     ks, recalls = recall_ks(args.num_cands), {}

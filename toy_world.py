@@ -14,7 +14,6 @@ times F (at least 1 each), documents of log-normal lengths and a tiny BERT over 
 full-size rehearsal of bench/SCALE.md (F = 1: 492,321 entities, 69,275 mentions, 626 MB, under
 two minutes).
 """
-import argparse
 import json
 import os
 import random
@@ -70,9 +69,17 @@ def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size
     return documents, mentions
 
 
-def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24):
+# What the toy world writes in its folder; it replaces nothing else (run_safety.claim_outputs).
+OUTPUTS = ("data", "bert")
+
+
+def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, overwrite=False):
     """Write `out_dir/data` (Zeshel layout) and `out_dir/bert` (tiny BERT); returns both paths.
-    `shared`: names that two entities of a world share (at most 36 of its 72 entities' names)."""
+    `shared`: names that two entities of a world share (at most 36 of its 72 entities' names).
+    An existing `data` or `bert` that an earlier toy world did not write stops it with one line
+    (UserError), unless `overwrite`."""
+    from run_safety import claim_outputs
+    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
     rng = random.Random(seed)
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 900, 2) if w not in names]
@@ -209,13 +216,16 @@ def make_scaled_world(rng, world, n_entities, n_mentions, words, zipf_cdf, first
     return mentions
 
 
-def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2):
+def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2, overwrite=False):
     """Write `out_dir/data`, a synthetic Zeshel with the real worlds and each world's entity and
     mention counts times `scale` (0 < scale <= 1), and `out_dir/bert`, a tiny BERT whose
-    word-level vocabulary holds every word; returns both paths and the counts written."""
+    word-level vocabulary holds every word; returns both paths and the counts written. As
+    make_toy_world, it replaces only what it wrote before, unless `overwrite`."""
     import numpy as np
+    from run_safety import claim_outputs
     if not 0 < scale <= 1:
         raise ValueError(f"--zeshel_scale {scale} is not in (0, 1]")
+    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
     rng = np.random.default_rng(seed)
     pseudo = pseudo_words(random.Random(seed), VOCAB_SIZE - len(FILLER), 3)
     random.Random(seed).shuffle(pseudo)  # frequency rank unrelated to spelling
@@ -256,20 +266,31 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder to write data/ and bert/ into")
+    from run_safety import cli_main
+    return cli_main(_main)(argv)
+
+
+def _main(argv=None):
+    from utils import ArgumentParser
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="folder to write data/ and bert/ into (what is there "
+                                        "already is replaced only when an earlier toy_world.py "
+                                        "wrote it, or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR/data and OUT_DIR/bert whoever wrote them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zeshel_scale", type=float, default=None, metavar="F",
                         help="instead of the toy world, a synthetic Zeshel of the real worlds "
                              "with each world's entity and mention counts times F (0 < F <= 1)")
     args = parser.parse_args(argv)
     if args.zeshel_scale is None:
-        data_dir, bert_dir = make_toy_world(args.out_dir, args.seed)
+        data_dir, bert_dir = make_toy_world(args.out_dir, args.seed, overwrite=args.overwrite)
         print(f"toy world: {data_dir}  tiny BERT: {bert_dir}")
         return
     if not 0 < args.zeshel_scale <= 1:
         parser.error(f"--zeshel_scale {args.zeshel_scale} is not in (0, 1]")
-    data_dir, bert_dir, counts = make_zeshel_scale(args.out_dir, args.zeshel_scale, args.seed)
+    data_dir, bert_dir, counts = make_zeshel_scale(args.out_dir, args.zeshel_scale, args.seed,
+                                                   overwrite=args.overwrite)
     for split in ZESHEL_WORLDS:
         rows = [(E, M) for s, E, M in counts.values() if s == split]
         print(f"{split}: {len(rows)} worlds, {sum(r[0] for r in rows)} entities, "

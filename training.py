@@ -9,12 +9,14 @@ import os
 
 import torch
 
-from run_safety import (MAY_DIFFER, MAY_MOVE, check_finite_flags, check_output_file,
-                        check_overwrite, check_resume_flags, load_run_checkpoint, load_weights,
-                        start_run)
-from utils import (StageClock, add_precision_args, barrier, check_flag, check_positive, die,
-                   describe_runtime, get_logger, grad_scaler, log_args, progress, recorded_args,
-                   rng_state, save_checkpoint, set_rng_state, unwrap, write_json)
+from data_loader import check_encoder
+from run_safety import (MAY_DIFFER, MAY_MOVE, check_finite_flags, check_inputs,
+                        check_output_file, check_overwrite, check_resume_flags, checkpoint_args,
+                        load_run_checkpoint, load_weights, start_run)
+from utils import (StageClock, add_precision_args, barrier, check_flag, check_positive,
+                   deferred_signals, die, describe_runtime, get_logger, grad_scaler, log_args,
+                   open_log_file, progress, recorded_args, rng_state, save_checkpoint,
+                   set_rng_state, unwrap, write_json)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,13 +243,15 @@ def improved(score, best, ties_replace):
 # ----------------------------------------------------------------------------------------------
 # A training run
 
-def start_training(args, script):
-    """Before any work (run_safety): refuse non-finite flags and a --model that cannot be written,
-    take `<model>.lock`, turn SIGTERM and SIGINT into a clean stop, and refuse to write over the
-    files of another run (check_overwrite)."""
+def start_training(args, script, encoder):
+    """Before any work (run_safety): refuse an `encoder` (folder or hub name) that cannot serve,
+    non-finite flags and a --model that cannot be written, take `<model>.lock`, turn SIGTERM and
+    SIGINT into a clean stop, and refuse to write over the files of another run
+    (check_overwrite)."""
+    check_encoder(encoder, loadable=False)
     check_finite_flags(args)
     check_output_file(args.model, "--model")
-    start_run(args.model + ".lock", "--model", last=args.model + ".last")
+    start_run(args.model + ".lock", "--model", last=args.model + ".last", best=args.model)
     check_overwrite(args, script)
 
 
@@ -263,7 +267,8 @@ def wrap_for_training(model, rt):
 
 
 class TrainingRun:
-    """A training script's run around its loop. It opens the run's log (`<model>.log`), owns the
+    """A training script's run around its loop. It keeps the run's log (`<model>.log`, created by
+    `inputs_checked` once every check passed, with the lines logged before), owns the
     optimizer, schedule and gradient scaler it builds (`start`), and keeps where the run stands
     (`epoch`, `step`, `best_score`, `losses`, `results`). The loop reads:
 
@@ -283,7 +288,7 @@ class TrainingRun:
     def __init__(self, script, args, rt, results, criterion, ties_replace):
         self.script, self.args, self.rt = script, args, rt
         self.criterion, self.ties_replace = criterion, ties_replace
-        self.log = get_logger(args.model, rt.is_main)
+        self.log = get_logger(args.model, rt.is_main, deferred=True)
         log_args(args, self.log)
         check_flag(args.B % rt.world_size == 0, "--B",
                    f"{args.B} mentions do not split evenly over {rt.world_size} processes")
@@ -297,6 +302,16 @@ class TrainingRun:
         self.loss_check = LossCheck(args)
         self.running, self.epoch_loss = RunningMean(rt.device), RunningMean(rt.device)
         self.num_batches, self.update = 0, False
+        self.inputs, self.resumed = {}, None
+
+    def inputs_checked(self, **inputs):
+        """After the run's inputs are loaded and checked (`inputs`: {"data" | "encoder" | "cands":
+        fingerprint}), before any work: stop when the run it resumes or the files it replaces
+        used other inputs (run_safety.check_inputs); then create the log file. The checkpoints
+        record `inputs`."""
+        self.inputs = inputs
+        check_inputs(self.args, inputs, self.resumed)
+        open_log_file(self.log)
 
     def resume_state(self):
         """`<model>.last` with --resume_training (checked: a training state of this script,
@@ -308,6 +323,7 @@ class TrainingRun:
                    f"no checkpoint {last} to resume from")
         state = load_run_checkpoint(last, self.script, "--resume_training", training_state=True)
         check_resume_flags(self.args, state, last, self.script)  # what is trained or measured
+        self.resumed = (last, state["args"], state.get("inputs"))  # its inputs: inputs_checked
         return state
 
     def start(self, model, num_examples, dtype, state=None):
@@ -402,26 +418,28 @@ class TrainingRun:
         self.clock.lap(f"training, epoch {epoch + 1}")
 
     def checkpoint(self, epoch, **training_state):
-        return {"script": self.script, "args": recorded_args(self.args),
-                "model": unwrap(self.model).state_dict(), "epoch": epoch, "step": self.steps,
-                "best_score": self.best_score, "results": self.results, **training_state}
+        return {"script": self.script, "args": checkpoint_args(self.args),
+                "inputs": self.inputs, "model": unwrap(self.model).state_dict(), "epoch": epoch,
+                "step": self.steps, "best_score": self.best_score, "results": self.results,
+                **training_state}
 
     def end_epoch(self, epoch, score):
         """After epoch `epoch` (1, 2, ...; 0: the untrained model) and its val `score`: save the
         best checkpoint when it improved, the full state and the results."""
         better = improved(score, self.best_score, self.ties_replace)
         self.best_score = max(self.best_score, score)
-        if self.rt.is_main:
-            if better:
-                save_checkpoint(self.checkpoint(epoch), self.paths["best"])
-                self.log.info("new best val %s %.2f: saved %s", self.criterion, score,
-                              self.paths["best"])
-            state = self.checkpoint(epoch, optimizer=self.optimizer.state_dict(),
-                                    scheduler=self.scheduler.state_dict(),
-                                    scaler=self.scaler.state_dict(), losses=self.losses,
-                                    rng=rng_state())
-            save_checkpoint(state, self.paths["last"])
-        self.save_results()
+        with deferred_signals():  # a signal stops the run after the three files, not between
+            if self.rt.is_main:
+                if better:
+                    save_checkpoint(self.checkpoint(epoch), self.paths["best"])
+                    self.log.info("new best val %s %.2f: saved %s", self.criterion, score,
+                                  self.paths["best"])
+                state = self.checkpoint(epoch, optimizer=self.optimizer.state_dict(),
+                                        scheduler=self.scheduler.state_dict(),
+                                        scaler=self.scaler.state_dict(), losses=self.losses,
+                                        rng=rng_state())
+                save_checkpoint(state, self.paths["last"])
+            self.save_results()
         barrier(self.rt)
         self.clock.lap(f"checkpoints, epoch {epoch}")
 

@@ -4,10 +4,13 @@ machinery is in training.py, the checks that keep runs from losing or overwritin
 run_safety.py."""
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import random
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -181,6 +184,9 @@ def setup_runtime(gpus=None):
         usable = usable_gpus(gpus)
         if usable:
             os.environ["CUDA_VISIBLE_DEVICES"] = usable
+        if not torch.cuda.is_available() and os.environ.get("RANK", "0") == "0":
+            print(f"notice: --gpus {gpus}: no usable GPU on this machine; running on the CPU",
+                  file=sys.stderr, flush=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -333,10 +339,68 @@ def free_log_path(model_path):
     return path
 
 
-def get_logger(model_path=None, is_main=True):
+class _LogFile(logging.FileHandler):
+    """A log file that, when a line cannot be written (a full disk), says so in one line on
+    stderr and stops writing, instead of logging's traceback per line; stdout keeps the log."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if self.stream is not None:
+            print(f"notice: cannot write the log {self.baseFilename}: "
+                  f"{getattr(error, 'strerror', None) or error}; the log goes on on stdout only",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                self.stream.close()
+        self.stream = None
+        self.emit = lambda record: None
+
+
+class DeferredFileHandler(logging.Handler):
+    """A log file opened only once the run's checks have passed (`open_log_file`): until then the
+    records wait in memory, so that a refused run leaves no `<model>.log`
+    (docs/DESIGN.md#run-safety); a run that never opens it (a mistake found by a check) writes no
+    file."""
+
+    def __init__(self, model_path, fmt):
+        super().__init__()
+        self.model_path, self.pending, self.file = model_path, [], None
+        self.setFormatter(fmt)
+
+    def emit(self, record):
+        if self.file is None:
+            self.pending.append(record)
+        else:
+            self.file.emit(record)
+
+    def open(self):
+        """Create the log file (`free_log_path`) and write the records kept so far; returns its
+        path. An OSError is one line naming the file (output_error)."""
+        if self.file is None:
+            path = free_log_path(self.model_path)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self.file = _LogFile(path)
+            except OSError as e:
+                raise output_error(path, e) from None
+            self.file.setFormatter(self.formatter)
+            for record in self.pending:
+                self.file.emit(record)
+            self.pending = []
+        return self.file.baseFilename
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def get_logger(model_path=None, is_main=True, deferred=False):
     """A logger printing to stdout and to a new `<model>.log` (main process only; others log
-    nothing but warnings)."""
+    nothing but warnings). `deferred`: the file is created by `open_log_file`, after the run's
+    checks, and holds every line logged before."""
     logger = logging.getLogger(f"hard-nce-el.{os.getpid()}")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -345,13 +409,18 @@ def get_logger(model_path=None, is_main=True):
     sh.setFormatter(fmt)
     logger.addHandler(sh)
     if is_main and model_path:
-        folder = os.path.dirname(os.path.abspath(model_path))
-        os.makedirs(folder, exist_ok=True)
-        fh = logging.FileHandler(free_log_path(model_path))
-        fh.setFormatter(fmt)
+        fh = DeferredFileHandler(model_path, fmt)
         logger.addHandler(fh)
-        logger.log_path = fh.baseFilename
+        if not deferred:
+            open_log_file(logger)
     return logger
+
+
+def open_log_file(logger):
+    """Create the deferred log file of `logger` (get_logger), once the run's checks passed."""
+    for handler in logger.handlers:
+        if isinstance(handler, DeferredFileHandler):
+            logger.log_path = handler.open()
 
 
 def log_to_file(line):
@@ -359,7 +428,7 @@ def log_to_file(line):
     a log ends with the reason its run stopped."""
     log = logging.getLogger(f"hard-nce-el.{os.getpid()}")
     for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, DeferredFileHandler) and handler.file is not None:
             handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
 
 
@@ -457,25 +526,114 @@ def progress(iterable=None, desc=None, total=None, disable=False, **kw):
 # ----------------------------------------------------------------------------------------------
 # Atomic files and checkpoints
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: the run ends like a clean stop (a BaseException, as KeyboardInterrupt,
+    so that no `except Exception` swallows it). Raised by run_safety's signal handler, or at the
+    end of a write the signal arrived in (`deferred_signals`)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+# Writes in progress (`deferred_signals`) and the signal that arrived meanwhile, if any.
+_WRITES = {"depth": 0, "pending": None}
+
+
+def signal_deferred(signum):
+    """For run_safety's signal handler: True when a write is in progress, the signal then kept
+    until it ends (`deferred_signals`)."""
+    if _WRITES["depth"] == 0:
+        return False
+    _WRITES["pending"] = _WRITES["pending"] or signum
+    return True
+
+
 @contextlib.contextmanager
-def atomic_open(path, mode="w", **kw):
-    """Write to a temporary file beside `path`, then rename: `path` appears whole or not at all."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:  # from here on, any exit (an error, a signal turned into Stopped) removes `tmp`
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+def deferred_signals():
+    """SIGTERM and SIGINT wait until the block ends (a write, or the group of checkpoints of an
+    epoch), then stop the run (Stopped): a signal never interrupts a file half-way, and the stop
+    message sees every file of the block written."""
+    _WRITES["depth"] += 1
+    try:
+        yield
+    finally:
+        _WRITES["depth"] -= 1
+        if _WRITES["depth"] == 0 and _WRITES["pending"]:
+            signum, _WRITES["pending"] = _WRITES["pending"], None
+            raise Stopped(signum)
+
+
+def output_error(path, error, written=None, needed=None):
+    """The UserError of an OSError writing `path`: one line naming the file and the cause (a full
+    disk says how much was needed and how much is free)."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        parts = []
+        if needed:
+            parts.append(f"needed about {needed / 1e6:.1f} MB")
+        elif written is not None:
+            parts.append(f"needed more than the {written / 1e6:.1f} MB written")
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            parts.append(f"{free / 1e6:.1f} MB free")
+        if parts:
+            why += f" ({', '.join(parts)})"
+    return UserError(f"cannot write {path}: {why}")
+
+
+def _os_error_in(error):
+    """The OSError `error` is, or was raised while handling (torch.save reports a failed write
+    as a RuntimeError raised during the OSError), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", needed=None, **kw):
+    """Write to a temporary file beside `path`, then rename: `path` appears whole or not at all.
+    SIGTERM / SIGINT wait for the end of the write (deferred_signals); an OSError (a full disk, a
+    read-only folder) removes the temporary file and stops the run with one line naming `path`
+    (`needed`: the bytes the file takes, when known, for that line)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with deferred_signals():
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                       suffix=".tmp")
+        except OSError as e:
+            raise output_error(path, e) from None
+        try:  # from here on, any exit (an error, a stop) removes `tmp`
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual rights
+            with os.fdopen(fd, mode, **kw) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except Exception as e:
+            cause = _os_error_in(e)  # torch.save turns a failed write into a RuntimeError
+            if cause is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            written = None
+            with contextlib.suppress(OSError):
+                written = os.path.getsize(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise output_error(path, cause, written, needed) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def write_json(obj, path, indent=2):
@@ -493,8 +651,21 @@ def write_jsonl(rows, path):
 def save_checkpoint(state, path):
     """`state` is a plain dict (arguments as a dict, state dicts, numbers, lists), loadable with
     torch.load(weights_only=True)."""
-    with atomic_open(path, "wb") as f:
+    needed = sum(t.nbytes for t in _tensors(state))
+    with atomic_open(path, "wb", needed=needed or None) as f:
         torch.save(state, f)
+
+
+def _tensors(obj):
+    """The tensors of a checkpoint's nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path, map_location="cpu", flag="--model"):
