@@ -2,6 +2,7 @@
 
     python toy_world.py OUT_DIR        # writes OUT_DIR/data (Zeshel layout) and OUT_DIR/bert
     python toy_world.py OUT_DIR --zeshel_scale F   # instead a synthetic Zeshel of the real sizes
+    python toy_world.py OUT_DIR --demo             # instead the demo's world (make_demo_world)
 
 Each world has entities whose names repeat ("Zorbik (knight)", "Zorbik (river)"), so that the
 name alone cannot tell them apart: only the words around a mention, which are drawn from its
@@ -14,7 +15,6 @@ times F (at least 1 each), documents of log-normal lengths and a tiny BERT over 
 full-size rehearsal of bench/SCALE.md (F = 1: 492,321 entities, 69,275 mentions, 626 MB, under
 two minutes).
 """
-import argparse
 import json
 import os
 import random
@@ -351,13 +351,22 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from utils import ArgumentParser  # errors: one line naming the flag, exit status 2
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write data/ and bert/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zeshel_scale", type=float, default=None, metavar="F",
                         help="instead of the toy world, a synthetic Zeshel of the real worlds "
                              "with each world's entity and mention counts times F (0 < F <= 1)")
+    parser.add_argument("--demo", action="store_true",
+                        help="instead of the toy world, the demo's world of confusable siblings")
     args = parser.parse_args(argv)
+    if args.demo:
+        if args.zeshel_scale is not None:
+            parser.error("--demo and --zeshel_scale: give one of them")
+        data_dir, bert_dir = make_demo_world(args.out_dir, args.seed)
+        print(f"demo world: {data_dir}  tiny BERT: {bert_dir}")
+        return
     if args.zeshel_scale is None:
         data_dir, bert_dir = make_toy_world(args.out_dir, args.seed)
         print(f"toy world: {data_dir}  tiny BERT: {bert_dir}")

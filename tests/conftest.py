@@ -23,6 +23,7 @@ SLOW = (
     "test_run_safety.py::test_signal_stops_cleanly_and_resume_continues",
     "test_run_safety.py::test_a_loss_gone_non_finite_after_a_saved_epoch_leaves_it_intact",
     "test_sweep.py::test_tiny_sweep_runs_skips_finished_and_resumes_interrupted",
+    "test_demo.py::test_demo_shows_mixed_hard_negatives_ahead_for_every_seed",
 )
 
 
