@@ -137,3 +137,25 @@ def test_demo_shows_mixed_hard_negatives_ahead_for_every_seed(tmp_path):
     assert s["margin"] > s["spread"] > 0
     assert s["reranker_acc_unorm"] > s["retriever_top1"]
     assert "mixed - random" in out.stdout and "$ python main_retriever.py" in out.stdout
+
+
+def test_report_plot_draws_the_demos_figure(tmp_path):
+    """`report.py DEMO_DIR --plot FIG` draws the demo's figure from its summary.json beside the
+    usual ones."""
+    pytest.importorskip("matplotlib")
+    import report
+    c = demo.comparison({"random": results([74.0, 79.5, 74.25], [99, 99, 99]),
+                         "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
+    rows = [["w1", 99.0, 90.0, 98.0, 99.0], ["macro average", 99.0, 90.0, 98.0, 99.0]]
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    with open(run_dir / "summary.json", "w") as f:
+        json.dump({"comparison": c, "pipeline": {"rows": rows},
+                   "reranker_encoder_kind": "MiniLM"}, f)
+    with open(run_dir / "m.pt.results.json", "w") as f:  # a retriever run, for the usual figures
+        json.dump({"k": 4, "val": [{"epoch": 1, "recall@4": 99.0, "accuracy": 90.0}],
+                   "test": {"recall@4": 99.0, "accuracy": 90.0, "per_world": {}}}, f)
+    report.main([str(run_dir), "--plot", str(tmp_path / "fig")])
+    assert "demo.png" in os.listdir(tmp_path / "fig")
+    with open(tmp_path / "fig" / "demo.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
