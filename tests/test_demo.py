@@ -125,7 +125,7 @@ def test_user_errors_are_one_line(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_demo_shows_mixed_hard_negatives_ahead_for_every_seed(tmp_path):
-    """The whole demo (about 4 minutes on 2 cores): mixed ahead of random for every seed, by more
+    """The whole demo (about 3 minutes on 2 cores): mixed ahead of random for every seed, by more
     than the spread between seeds; the pipeline's reranker above the retriever's top-1."""
     out = run_script("demo.py", "--out", tmp_path / "demo", "--quiet", timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
