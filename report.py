@@ -3,6 +3,7 @@
     python report.py RUN_OR_FOLDER [...]          # results files and folders, searched recursively
     python report.py runs/ --paper                # the paper's tables, this project's runs beside
     python report.py runs/ --plot runs/figures    # PNG figures (needs matplotlib)
+    python report.py runs/demo --plot runs/figures  # also the demo's figure, demo.png
 
 Reads `<model>.results.json` of `main_retriever.py` (retrieval recall@k) and of
 `main_reranker.py` (linking accuracy), and the `recall.json` of `save_candidates.py`, and prints
@@ -14,7 +15,9 @@ not reached test, the best by its `--eval_criterion`.
 else `<model>.last`; only the "args" entry is read): the main table's test recall@64 (sum-of-max,
 mixed negatives, p = 50%), the appendix's val recall@64 by scorer and share p of hard negatives,
 and the linking accuracy beside BLINK's cross-encoder. `--plot DIR` draws val per epoch, the
-training loss per logging step (from `<model>.last`) and test per world.
+training loss per logging step (from `<model>.last`) and test per world, and, for each folder
+holding a `summary.json` of demo.py, the demo's figure (random against mixed negatives per seed,
+the pipeline per test world).
 """
 import glob
 import json
@@ -415,6 +418,31 @@ def plot(groups, folder):
     return written
 
 
+def demo_summaries(paths):
+    """The summary.json files of demo.py under the folders among `paths`: [(path, summary)]."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(glob.glob(os.path.join(path, "**", "summary.json"),
+                                         recursive=True)):
+                obj = load(name)
+                if isinstance(obj, dict) and "comparison" in obj and "pipeline" in obj:
+                    found.append((name, obj))
+    return found
+
+
+def plot_demos(paths, folder):
+    """The demo's figure for each demo summary found: `folder`/demo.png (demo_2.png, ... for
+    more). Returns the paths written."""
+    import demo
+    written = []
+    for i, (_, summary) in enumerate(demo_summaries(paths)):
+        os.makedirs(folder, exist_ok=True)
+        name = "demo.png" if i == 0 else f"demo_{i + 1}.png"
+        written.append(demo.plot(summary, os.path.join(folder, name)))
+    return written
+
+
 @cli_main
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -455,7 +483,7 @@ def main(argv=None):
                 blocks.append(f"### {titles[k]}\n\n{table(header, rows)}")
         print("\n\n".join(blocks))
     if args.plot:
-        for path in plot(groups, args.plot):
+        for path in plot(groups, args.plot) + plot_demos(args.paths, args.plot):
             print(f"wrote {path}")
 
 

@@ -2,6 +2,7 @@
 
     python toy_world.py OUT_DIR        # writes OUT_DIR/data (Zeshel layout) and OUT_DIR/bert
     python toy_world.py OUT_DIR --zeshel_scale F   # instead a synthetic Zeshel of the real sizes
+    python toy_world.py OUT_DIR --demo             # instead the demo's world (make_demo_world)
 
 Each world has entities whose names repeat ("Zorbik (knight)", "Zorbik (river)"), so that the
 name alone cannot tell them apart: only the words around a mention, which are drawn from its
@@ -102,6 +103,104 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, ove
             f.writelines(json.dumps(m) + "\n" for m in ms)
 
     write_tiny_bert(bert_dir, SPECIAL + FILLER + names + topics, seed, hidden, layers, heads)
+    return data_dir, bert_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's world (`--demo`): families of confusable siblings
+
+DEMO_WORLDS = {"train": ["amber_coast", "basalt_hills"], "val": ["cobalt_marsh"],
+               "test": ["dusk_forest", "ember_peaks"]}
+# What a name's bearers are: common English words (one word piece each in bert-base-uncased's
+# vocabulary), shared by all worlds, as "character", "episode" or "location" are in Zeshel.
+KINDS = ("knight river castle song ship village sword king queen battle tower mountain lake forest "
+         "island bridge temple dragon horse book city armor wizard priest soldier captain merchant "
+         "farmer hunter poet singer dancer painter doctor garden market harbor valley desert cave "
+         "mine road wall gate church school prison palace").split()
+
+
+def make_demo_family_world(rng, world, names, topics, families, siblings, refs):
+    """Documents and mentions of one demo world: `families` names, each borne by `siblings`
+    entities of different kinds ("Zorbik (knight)", "Zorbik (river)", ...) that share two topic
+    words; each entity has two topic words of its own. A mention reads `river , knight the KIND
+    NAME ...`: the kinds of two of its entity's siblings, then its own kind right before the
+    name. Returns (documents, mentions)."""
+    ents, fams = [], []
+    for name in rng.sample(names, families):
+        shared = rng.sample(topics, 2)
+        fam = []
+        for kind in rng.sample(KINDS, siblings):
+            doc_id = f"{world.upper()[:3]}{len(ents):04d}{rng.randrange(16 ** 6):06X}"
+            e = {"id": doc_id, "name": name, "kind": kind, "shared": shared,
+                 "own": rng.sample(topics, 2), "title": f"{name.capitalize()} ({kind})"}
+            ents.append(e)
+            fam.append(e)
+        fams.append(fam)
+    family_of = {e["id"]: fam for fam in fams for e in fam}
+    documents, mentions = [], []
+    for e in ents:
+        name = e["name"].capitalize()
+        words = [name, "is", "a", e["kind"], "of", e["shared"][0], e["shared"][1], "and",
+                 e["own"][0], e["own"][1], "."]
+        spans = []
+        for a in rng.sample([x for x in ents if x["name"] != e["name"]], refs):
+            others = rng.sample([s for s in family_of[a["id"]] if s is not a], 2)
+            f = rng.sample(FILLER[:12], 4)
+            # 5 words left, the name, 6 right: one retriever window of 16 pieces
+            words += [others[0]["kind"], f[0], others[1]["kind"], f[1], a["kind"]]
+            spans.append((len(words), a))
+            words += [a["name"].capitalize(), a["shared"][0], f[2], a["shared"][1], f[3], "and",
+                      "."]
+        documents.append({"document_id": e["id"], "title": e["title"], "text": " ".join(words)})
+        for start, a in spans:
+            mentions.append({"mention_id": f"M{e['id']}{start:04d}", "context_document_id": e["id"],
+                             "label_document_id": a["id"], "start_index": start,
+                             "end_index": start, "text": a["name"].capitalize(), "corpus": world,
+                             "category": "LOW_OVERLAP"})
+    return documents, mentions
+
+
+def make_demo_world(out_dir, seed=0, families=32, siblings=4, refs=3, hidden=64, layers=2,
+                    heads=2, overwrite=False):
+    """The demo's world: `out_dir/data` (Zeshel layout, DEMO_WORLDS) and `out_dir/bert` (a tiny
+    random BERT over its words); returns both paths.
+
+    Every world has `families` names, each borne by `siblings` entities of different kinds; the
+    kinds are common words shared by all worlds, the names and topic words are each world's own.
+    A mention's context names its entity's kind right after the name, but also the kinds of two
+    of the entity's siblings: counting the words a mention shares with an entity cannot pick the
+    right sibling, only learning that the kind after the name is the one that counts can. A
+    random negative of a world of families * siblings entities is almost never a sibling (it has
+    another name), while the highest-scoring wrong entities are the siblings themselves. As
+    make_toy_world, it replaces only what it wrote before, unless `overwrite`.
+    """
+    if siblings < 3:
+        raise ValueError("siblings: at least 3 (a mention names the kinds of two siblings)")
+    from run_safety import claim_outputs
+    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
+    rng = random.Random(seed)
+    names = pseudo_words(rng, 400, 3)
+    topics = [w for w in pseudo_words(rng, 1200, 2) if w not in names]
+    data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
+    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
+    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
+    split_mentions = {}
+    for split, worlds in DEMO_WORLDS.items():
+        split_mentions[split] = []
+        for world in worlds:
+            docs, ms = make_demo_family_world(rng, world, names, topics, families, siblings,
+                                              refs)
+            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
+                f.writelines(json.dumps(d) + "\n" for d in docs)
+            split_mentions[split] += ms
+    train = split_mentions["train"]
+    split_mentions["heldout_train_seen"] = train[::10]
+    split_mentions["heldout_train_unseen"] = train[5::10]
+    for split, ms in split_mentions.items():
+        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in ms)
+    write_tiny_bert(bert_dir, SPECIAL + FILLER + KINDS + names + topics, seed, hidden, layers,
+                    heads)
     return data_dir, bert_dir
 
 
@@ -282,7 +381,15 @@ def _main(argv=None):
     parser.add_argument("--zeshel_scale", type=float, default=None, metavar="F",
                         help="instead of the toy world, a synthetic Zeshel of the real worlds "
                              "with each world's entity and mention counts times F (0 < F <= 1)")
+    parser.add_argument("--demo", action="store_true",
+                        help="instead of the toy world, the demo's world of confusable siblings")
     args = parser.parse_args(argv)
+    if args.demo:
+        if args.zeshel_scale is not None:
+            parser.error("--demo and --zeshel_scale: give one of them")
+        data_dir, bert_dir = make_demo_world(args.out_dir, args.seed)
+        print(f"demo world: {data_dir}  tiny BERT: {bert_dir}")
+        return
     if args.zeshel_scale is None:
         data_dir, bert_dir = make_toy_world(args.out_dir, args.seed, overwrite=args.overwrite)
         print(f"toy world: {data_dir}  tiny BERT: {bert_dir}")

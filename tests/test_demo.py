@@ -1,0 +1,161 @@
+"""The demo: its world of confusable siblings, its summary's margin and spread, its figure, its
+user errors, and (slow) the whole `demo.py` run showing mixed hard negatives ahead for every seed."""
+import filecmp
+import json
+import os
+from collections import Counter, defaultdict
+
+import pytest
+
+import demo
+from conftest import run_script
+from data_loader import Zeshel
+from toy_world import DEMO_WORLDS, make_demo_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_world")
+    data, bert = make_demo_world(str(out))
+    return data, bert, Zeshel(data)
+
+
+def test_every_name_has_four_bearers_of_different_kinds(world):
+    data, _, z = world
+    for split, worlds in DEMO_WORLDS.items():
+        for w in worlds:
+            docs = z.documents[w]
+            assert len(docs) == 128
+            names = Counter(d["title"].split(" (")[0] for d in docs.values())
+            assert set(names.values()) == {4}
+            kinds = defaultdict(set)
+            for d in docs.values():
+                name, kind = d["title"][:-1].split(" (")
+                kinds[name].add(kind)
+            assert all(len(k) == 4 for k in kinds.values())
+
+
+def test_a_mention_names_its_kind_and_two_siblings_kinds(world):
+    """Right before the name the gold's kind; further left the kinds of two of its siblings, so
+    the words a mention shares with an entity do not single out the gold."""
+    _, _, z = world
+    mentions = z.mentions["test"]
+    assert len(mentions) == 768
+    for m in mentions:
+        docs = z.documents[m["corpus"]]
+        gold = docs[m["label_document_id"]]
+        name, kind = gold["title"][:-1].split(" (")
+        words = z.context_tokens(m)
+        s = m["start_index"]
+        assert words[s] == m["text"] == name
+        assert words[s - 1] == kind
+        sibling_kinds = {d["title"][:-1].split(" (")[1] for d in docs.values()
+                         if d["title"].startswith(name + " (") and d is not gold}
+        assert {words[s - 5], words[s - 3]} < sibling_kinds
+
+
+def test_random_negatives_are_rarely_siblings(world):
+    """Of a train mention's 255 wrong entities 3 share its name (its siblings): a random negative
+    is a sibling about 1 time in 85, while the top-scoring wrong ones (hard negatives) are them."""
+    _, _, z = world
+    assert len(z.entities("train")) == 256
+    names = Counter((w, d["title"].split(" (")[0]) for w in DEMO_WORLDS["train"]
+                    for d in z.documents[w].values())
+    assert len(names) == 64 and set(names.values()) == {4}
+    for m in z.mentions["train"]:
+        assert names[m["corpus"], m["text"]] == 4
+
+
+def test_the_demo_world_is_deterministic(world, tmp_path):
+    data, _, _ = world
+    again, _ = make_demo_world(str(tmp_path))
+    for sub in ("documents", "mentions"):
+        a, b = os.path.join(data, sub), os.path.join(again, sub)
+        files = sorted(os.listdir(a))
+        assert files == sorted(os.listdir(b))
+        match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+        assert mismatch == [] and errors == []
+
+
+def results(r1s, rks):
+    return [{"test": {"accuracy": a, f"recall@{demo.K}": k}} for a, k in zip(r1s, rks)]
+
+
+def test_comparison_margin_and_spread():
+    c = demo.comparison({"random": results([74.0, 79.5, 74.25], [99, 99, 99]),
+                         "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
+    assert c["difference_per_seed"] == pytest.approx([17.25, 9.25, 14.75])
+    assert c["margin"] == pytest.approx(88.75 - 79.5)
+    assert c["spread"] == pytest.approx(5.5)
+    assert c["mixed_ahead_every_seed"] and c["margin_exceeds_spread"]
+    table = demo.comparison_table(c)
+    assert "| 74.00 | 79.50 | 74.25 | 75.92 | 5.50 |" in table
+    assert "| +17.25 | +9.25 | +14.75 | +13.75 |" in table
+
+
+def test_comparison_says_when_mixed_is_not_ahead():
+    c = demo.comparison({"random": results([80.0, 70.0], [99, 99]),
+                         "mixed": results([85.0, 69.0], [99, 99])})
+    assert not c["mixed_ahead_every_seed"]
+    assert c["margin"] == pytest.approx(-11.0) and not c["margin_exceeds_spread"]
+
+
+def test_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    c = demo.comparison({"random": results([74.0, 79.5, 74.25], [99, 99, 99]),
+                         "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
+    rows = [["w1", 99.0, 90.0, 98.0, 99.0], ["w2", 100.0, 94.0, 97.0, 97.0],
+            ["macro average", 99.5, 92.0, 97.5, 98.0]]
+    path = demo.plot({"comparison": c, "pipeline": {"rows": rows},
+                      "reranker_encoder_kind": "MiniLM"}, str(tmp_path / "demo.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pretrained", "/no/such/folder"], "error: --pretrained: /no/such/folder is not a folder (a "
+                                         "local BERT-family model folder)"),
+    (["--seeds", "3"], "error: unrecognized arguments: --seeds 3"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    out = run_script("demo.py", "--out", tmp_path / "d", *args)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.slow
+def test_demo_shows_mixed_hard_negatives_ahead_for_every_seed(tmp_path):
+    """The whole demo (about 3 minutes on 2 cores): mixed ahead of random for every seed, by more
+    than the spread between seeds; the pipeline's reranker above the retriever's top-1."""
+    out = run_script("demo.py", "--out", tmp_path / "demo", "--quiet", timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "demo" / "summary.json") as f:
+        s = json.load(f)
+    c = s["comparison"]
+    assert c["seeds"] == 3 and all(d > 0 for d in c["difference_per_seed"])
+    assert s["mixed_ahead_every_seed"] and s["margin_exceeds_spread"]
+    assert s["margin"] > s["spread"] > 0
+    assert s["reranker_acc_unorm"] > s["retriever_top1"]
+    assert "mixed - random" in out.stdout and "$ python main_retriever.py" in out.stdout
+
+
+def test_report_plot_draws_the_demos_figure(tmp_path):
+    """`report.py DEMO_DIR --plot FIG` draws the demo's figure from its summary.json beside the
+    usual ones."""
+    pytest.importorskip("matplotlib")
+    import report
+    c = demo.comparison({"random": results([74.0, 79.5, 74.25], [99, 99, 99]),
+                         "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
+    rows = [["w1", 99.0, 90.0, 98.0, 99.0], ["macro average", 99.0, 90.0, 98.0, 99.0]]
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    with open(run_dir / "summary.json", "w") as f:
+        json.dump({"comparison": c, "pipeline": {"rows": rows},
+                   "reranker_encoder_kind": "MiniLM"}, f)
+    with open(run_dir / "m.pt.results.json", "w") as f:  # a retriever run, for the usual figures
+        json.dump({"k": 4, "val": [{"epoch": 1, "recall@4": 99.0, "accuracy": 90.0}],
+                   "test": {"recall@4": 99.0, "accuracy": 90.0, "per_world": {}}}, f)
+    report.main([str(run_dir), "--plot", str(tmp_path / "fig")])
+    assert "demo.png" in os.listdir(tmp_path / "fig")
+    with open(tmp_path / "fig" / "demo.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
