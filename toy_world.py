@@ -37,6 +37,17 @@ def pseudo_words(rng, n, syllables):
     return sorted(words)
 
 
+def add_document(documents, mentions, e, words, spans, world):
+    """Entity `e`'s document (its `words`) and a mention of entity a at each (start, a) of
+    `spans`, a one-word name."""
+    documents.append({"document_id": e["id"], "title": e["title"], "text": " ".join(words)})
+    for start, a in spans:
+        mentions.append({"mention_id": f"M{e['id']}{start:04d}", "context_document_id": e["id"],
+                         "label_document_id": a["id"], "start_index": start, "end_index": start,
+                         "text": a["name"].capitalize(), "corpus": world,
+                         "category": "LOW_OVERLAP"})
+
+
 def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size=6, refs=2):
     """Documents and mentions of one world. Returns (documents, mentions)."""
     base = rng.sample(names, n_entities - n_shared)
@@ -61,17 +72,33 @@ def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size
             words += [a["name"].capitalize(), t[2], "with", t[3], "."]
         words += [e["topics"][4], "and", e["topics"][5], rng.choice(FILLER[:12]),
                   e["topics"][0], "."]
-        documents.append({"document_id": e["id"], "title": e["title"], "text": " ".join(words)})
-        for start, a in spans:
-            mentions.append({"mention_id": f"M{e['id']}{start:04d}", "context_document_id": e["id"],
-                             "label_document_id": a["id"], "start_index": start,
-                             "end_index": start, "text": a["name"].capitalize(), "corpus": world,
-                             "category": "LOW_OVERLAP"})
+        add_document(documents, mentions, e, words, spans, world)
     return documents, mentions
 
 
 # What the toy world writes in its folder; it replaces nothing else (run_safety.claim_outputs).
 OUTPUTS = ("data", "bert")
+
+
+def write_worlds(data_dir, split_worlds, make):
+    """Write `data_dir` in the Zeshel layout: for each split's worlds (in order), `make(world)`
+    gives (documents, mentions); the two heldout splits are every tenth train mention."""
+    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
+    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
+    split_mentions = {}
+    for split, worlds in split_worlds.items():
+        split_mentions[split] = []
+        for world in worlds:
+            docs, ms = make(world)
+            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
+                f.writelines(json.dumps(d) + "\n" for d in docs)
+            split_mentions[split] += ms
+    train = split_mentions["train"]
+    split_mentions["heldout_train_seen"] = train[::10]
+    split_mentions["heldout_train_unseen"] = train[5::10]
+    for split, ms in split_mentions.items():
+        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in ms)
 
 
 def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, overwrite=False):
@@ -85,23 +112,8 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, ove
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 900, 2) if w not in names]
     data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
-    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
-    split_mentions = {}
-    for split, worlds in WORLDS.items():
-        split_mentions[split] = []
-        for world in worlds:
-            docs, ms = make_world(rng, world, names, topics, n_shared=shared)
-            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
-                f.writelines(json.dumps(d) + "\n" for d in docs)
-            split_mentions[split] += ms
-    train = split_mentions["train"]
-    split_mentions["heldout_train_seen"] = train[::10]
-    split_mentions["heldout_train_unseen"] = train[5::10]
-    for split, ms in split_mentions.items():
-        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in ms)
-
+    write_worlds(data_dir, WORLDS, lambda world: make_world(rng, world, names, topics,
+                                                            n_shared=shared))
     write_tiny_bert(bert_dir, SPECIAL + FILLER + names + topics, seed, hidden, layers, heads)
     return data_dir, bert_dir
 
@@ -151,12 +163,7 @@ def make_demo_family_world(rng, world, names, topics, families, siblings, refs):
             spans.append((len(words), a))
             words += [a["name"].capitalize(), a["shared"][0], f[2], a["shared"][1], f[3], "and",
                       "."]
-        documents.append({"document_id": e["id"], "title": e["title"], "text": " ".join(words)})
-        for start, a in spans:
-            mentions.append({"mention_id": f"M{e['id']}{start:04d}", "context_document_id": e["id"],
-                             "label_document_id": a["id"], "start_index": start,
-                             "end_index": start, "text": a["name"].capitalize(), "corpus": world,
-                             "category": "LOW_OVERLAP"})
+        add_document(documents, mentions, e, words, spans, world)
     return documents, mentions
 
 
@@ -182,23 +189,8 @@ def make_demo_world(out_dir, seed=0, families=32, siblings=4, refs=3, hidden=64,
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 1200, 2) if w not in names]
     data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
-    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
-    split_mentions = {}
-    for split, worlds in DEMO_WORLDS.items():
-        split_mentions[split] = []
-        for world in worlds:
-            docs, ms = make_demo_family_world(rng, world, names, topics, families, siblings,
-                                              refs)
-            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
-                f.writelines(json.dumps(d) + "\n" for d in docs)
-            split_mentions[split] += ms
-    train = split_mentions["train"]
-    split_mentions["heldout_train_seen"] = train[::10]
-    split_mentions["heldout_train_unseen"] = train[5::10]
-    for split, ms in split_mentions.items():
-        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in ms)
+    write_worlds(data_dir, DEMO_WORLDS, lambda world: make_demo_family_world(
+        rng, world, names, topics, families, siblings, refs))
     write_tiny_bert(bert_dir, SPECIAL + FILLER + KINDS + names + topics, seed, hidden, layers,
                     heads)
     return data_dir, bert_dir

@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -448,6 +449,8 @@ def quiet_transformers():
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # transformers 4.x passes huggingface_hub a deprecated argument on every hub lookup
+    warnings.filterwarnings("ignore", message=".*resume_download.*", category=FutureWarning)
 
 
 def _proc_field(path, key):
