@@ -90,7 +90,8 @@ def test_candidates_two_processes_identical(toy, trained, single_candidates, tmp
     ok(torchrun("save_candidates.py", *candidates_args(toy, trained[0], folder), nproc=2))
     assert read_candidates_dir(folder) == single_candidates
     assert sorted(os.listdir(folder)) == ["candidates_test.json", "candidates_train.json",
-                                          "candidates_val.json", "manifest.json", "recall.json"]
+                                          "candidates_val.json", "manifest.json", "recall.json",
+                                          "save_candidates.log"]
 
 
 def test_candidates_two_nodes_identical(toy, trained, single_candidates, tmp_path):
