@@ -34,8 +34,7 @@ import reranker
 from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder,
                          load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import (candidates_fingerprint, check_candidates_manifest, cli_main,
-                        ignored_flag_notices)
+from run_safety import check_candidates_manifest, cli_main, ignored_flag_notices
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
                    check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
@@ -196,15 +195,14 @@ def load_data_and_model(args, run, rt):
     against those of the run resumed or replaced (run.inputs_checked)."""
     log, clock = run.log, run.clock
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"), flag="--data")
-    check_candidates_manifest(args.cands_dir, [f"candidates_{s}.json" for s in SPLITS])
+    cands = check_candidates_manifest(args.cands_dir, SPLITS)  # the files by content
     clock.lap("loading and checking")
     name = pretrained_name("--type_bert", args.type_bert, args.pretrained)
     tokenizer = load_tokenizer(name)
     encoder = load_encoder(name, tokenizer)
     check_positions(encoder, args.L, "--L")
     candidates = {s: split_candidates(args, zeshel, s, s == "train") for s in SPLITS}
-    run.inputs_checked(data=zeshel.fingerprint(), encoder=encoder.fingerprint,
-                       cands=candidates_fingerprint(args.cands_dir, SPLITS))
+    run.inputs_checked(data=zeshel.fingerprint(), encoder=encoder.fingerprint, cands=cands)
     train, _ = load_split(args, zeshel, tokenizer, "train", True, *candidates["train"], rt)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}

@@ -200,17 +200,20 @@ INPUT_FLAGS = {"data": "data_dir", "encoder": "pretrained", "cands": "cands_dir"
 OTHER = {"data": "other data", "encoder": "another encoder", "cands": "other candidates"}
 
 
+def absolute(value):
+    """`value` made an absolute path when it names an existing file or folder (a relative path
+    would name other files from another folder); any other value as it is."""
+    return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+
 def checkpoint_args(args):
-    """The arguments a checkpoint records: recorded_args, with the paths of its inputs absolute
-    (a relative path would name other files from another folder)."""
-    return {k: (os.path.abspath(v) if k in INPUT_FLAGS.values() and isinstance(v, str)
-                and os.path.exists(v) else v)
+    """The arguments a checkpoint records: recorded_args, with the paths of its inputs absolute."""
+    return {k: absolute(v) if k in INPUT_FLAGS.values() else v
             for k, v in recorded_args(args).items()}
 
 
 def _same_path(a, b):
-    norm = [os.path.abspath(p) if isinstance(p, str) and os.path.exists(p) else p for p in (a, b)]
-    return norm[0] == norm[1]
+    return absolute(a) == absolute(b)
 
 
 def _what_differs(name, old, new):
@@ -322,18 +325,10 @@ def file_digest(path):
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def candidates_fingerprint(cands_dir, splits):
-    """The candidates files of `splits` by content: {split: sha256, or None for a missing file,
-    which reading it reports} (for check_inputs)."""
-    paths = {s: os.path.join(cands_dir, f"candidates_{s}.json") for s in splits}
-    return {s: file_digest(p)["sha256"] if os.path.isfile(p) else None for s, p in paths.items()}
-
-
 def candidates_producer(args, state):
     """What makes a candidates folder: the checkpoint (path, epoch, size) and the flags of
     save_candidates.py but those of MAY_DIFFER, paths made absolute."""
-    flags = {k: (os.path.abspath(v) if k in MAY_MOVE and isinstance(v, str) and os.path.exists(v)
-                 else v)
+    flags = {k: absolute(v) if k in MAY_MOVE else v
              for k, v in vars(args).items() if k not in MAY_DIFFER and k != "cands_dir"}
     return {"script": "save_candidates", "args": flags,
             "checkpoint": {"epoch": state.get("epoch"), "bytes": os.path.getsize(args.model)}}
@@ -389,27 +384,32 @@ def finish_candidates(cands_dir, producer, names):
                os.path.join(cands_dir, MANIFEST))
 
 
-def check_candidates_manifest(cands_dir, names, flag="--cands_dir"):
-    """Stop unless the files `names` of `cands_dir` are those its manifest lists (size and
-    sha256); a folder without a manifest (candidates of the original code) is a notice."""
+def check_candidates_manifest(cands_dir, splits, flag="--cands_dir"):
+    """Stop unless the candidates files of `splits` in `cands_dir` are those its manifest lists
+    (size and sha256); a folder without a manifest (candidates of the original code) is a notice.
+    Returns the files by content, {split: sha256, or None for a missing file, which reading it
+    reports}, for check_inputs: each file is read once."""
     path = os.path.join(cands_dir, MANIFEST)
+    files = {s: os.path.join(cands_dir, f"candidates_{s}.json") for s in splits}
+    digests = {s: file_digest(f) if os.path.isfile(f) else None for s, f in files.items()}
     if not os.path.exists(path):
         notice(f"{cands_dir} has no {MANIFEST} (candidates not written by this save_candidates.py):"
                f" the files are used unchecked")
-        return
+        return {s: d and d["sha256"] for s, d in digests.items()}
     manifest = _read_manifest(path, flag)
     if not manifest.get("complete"):
         die(f"{flag}: {path} says save_candidates.py did not finish writing {cands_dir}; run it "
             f"again")
-    for name in names:
-        file = os.path.join(cands_dir, name)
+    for split, file in files.items():
+        name = os.path.basename(file)
         if name not in manifest["files"]:
             die(f"{flag}: {path} does not list {name}")
-        if not os.path.isfile(file):
+        if digests[split] is None:
             die(f"{flag}: missing file {file} (listed in {path})")
-        if file_digest(file) != manifest["files"][name]:
+        if digests[split] != manifest["files"][name]:
             die(f"{flag}: {file} is not the file save_candidates.py wrote (its size or sha256 "
                 f"differs from {path}); run save_candidates.py again")
+    return {s: d["sha256"] for s, d in digests.items()}
 
 
 # ----------------------------------------------------------------------------------------------
