@@ -220,10 +220,14 @@ def test_candidate_counts():
     assert candidate_counts("random_negative", 8, 0.0) == (8, 0)
 
 
+@pytest.mark.parametrize("stream", ["torch", "python"])
 @pytest.mark.parametrize("E,num", [(50, 6), (12, 8), (9, 8)])
-def test_random_negatives_never_gold_distinct_and_uniform(E, num):
+def test_random_negatives_never_gold_distinct_and_uniform(E, num, stream):
+    import random
     g = torch.Generator().manual_seed(0)
     golds = torch.randint(E, (4000,), generator=g)
+    if stream == "python":  # the original's stream (--random_negatives original)
+        g = random.Random(0)
     neg = sample_random_negatives(golds, E, num, g)
     assert neg.shape == (4000, num)
     assert not (neg == golds[:, None]).any()
@@ -361,19 +365,22 @@ def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     assert torch.equal(torch.cat([s[1] for s in shares]), cands)
 
 
-@pytest.mark.parametrize("kind", ["fresh", "repeat"])
-def test_random_negative_stream_repeats_only_when_asked(kind):
-    """--random_negatives repeat deals every epoch the same draws (the original's stream,
-    restarted from the seed); fresh, the default, draws anew each epoch."""
-    from main_retriever import parse_args, random_negative_stream
-    from retriever import sample_random_negatives
+@pytest.mark.parametrize("kind", ["original", "fresh"])
+def test_random_negative_stream_original_by_default(kind):
+    """--random_negatives original, the default, deals every epoch the same draws position by
+    position, whatever --seed (the original re-seeded Python's random with 42 for every epoch's
+    dataset); fresh draws anew each epoch, from --seed."""
+    from main_retriever import parse_args
+    from retriever import random_negative_stream
     from utils import epoch_generator
     golds = torch.arange(0, 40, 4)
-    draws = []
-    for epoch in (0, 1):
-        shuffle = epoch_generator(42, epoch)
+
+    def epoch_draws(seed, epoch):
+        shuffle = epoch_generator(seed, epoch)
         torch.randperm(40, generator=shuffle)  # the epoch's batches come first from its stream
-        stream = random_negative_stream(kind, 42, shuffle)
-        draws.append(sample_random_negatives(golds, 1000, 5, stream))
-    assert torch.equal(draws[0], draws[1]) is (kind == "repeat")
-    assert parse_args(["--model", "m", "--data_dir", "d"]).random_negatives == "fresh"
+        stream = random_negative_stream(kind, shuffle)
+        return torch.cat([sample_random_negatives(golds[:4], 1000, 5, stream),   # two batches
+                          sample_random_negatives(golds[4:], 1000, 5, stream)])
+    assert torch.equal(epoch_draws(1, 0), epoch_draws(1, 1)) is (kind == "original")
+    assert torch.equal(epoch_draws(1, 0), epoch_draws(42, 0)) is (kind == "original")
+    assert parse_args(["--model", "m", "--data_dir", "d"]).random_negatives == "original"
