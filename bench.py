@@ -28,8 +28,9 @@ from datetime import datetime, timezone
 import torch
 
 from recipe import RERANKER, RETRIEVER, SCORERS, ZESHEL, value
-from run_safety import cli_main
-from utils import atomic_open, autocast, die
+from cli import die
+from run_safety import atomic_write, main as cli_main
+from utils import autocast
 
 # The paper recipe's sizes (recipe.py: the original's command lines; max_len, C and L are the
 # scripts' defaults, which those lines keep)
@@ -522,8 +523,8 @@ def main(argv=None):
                               "a CPU estimate, not a GPU figure")
     print_table(res)
     if args.out:
-        with atomic_open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        text = (json.dumps(res, indent=2) + "\n").encode()
+        atomic_write(args.out, lambda f: f.write(text))
         print(f"wrote {args.out}")
     return 0
 

@@ -15,7 +15,9 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from utils import check_flag, die, notice, quiet_transformers
+from cli import die
+from run_safety import notice
+from utils import quiet_transformers
 
 MENTION_START, MENTION_END, TITLE_END = "[unused0]", "[unused1]", "[unused2]"
 MARKERS = (MENTION_START, MENTION_END, TITLE_END)
@@ -81,6 +83,13 @@ def read_jsonl(path, fields, flag, key=None, digest=None):
                 die(f"{path}:{lineno}: a JSON array; expected JSON lines, one object per line")
             if not isinstance(row, dict):
                 die(f"{path}:{lineno}: expected a JSON object, not {_short(row)}")
+            if b"\\ud" in raw or b"\\uD" in raw:  # an escaped surrogate: paired, or not text
+                for k, v in row.items():
+                    try:
+                        json.dumps(v, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError:
+                        die(f"{path}:{lineno}: {k} holds a lone surrogate (an escape \\ud800 to "
+                            f"\\udfff without its pair): not Unicode text")
             missing = [k for k in fields if k not in row]
             if missing:
                 die(f"{path}:{lineno}: missing field {missing[0]!r}")
@@ -234,13 +243,15 @@ class Zeshel:
 
 def read_candidates(cands_dir, split, mentions, flag="--cands_dir", documents=None, C=None,
                     C_flag="--C"):
-    """`CANDS_DIR/candidates_<split>.json` as {mention_id: [document ids, best first]}; stops when
+    """`CANDS_DIR/candidates_<split>.json` as ({mention_id: [document ids, best first]}, the sha256
+    of the bytes read); stops when
     the file or one of the split's mentions is missing, a mention has two lines, a list repeats a
     document or (given `documents`, {world: {document_id: ...}}) names one that is not in the
     mention's world. Given `C`: stops when `C` (the flag `C_flag`) is more than the longest list,
     and says how many mentions have fewer."""
     path = os.path.join(cands_dir, f"candidates_{split}.json")
-    rows = read_jsonl(path, CANDIDATE_FIELDS, flag, key="mention_id")
+    digest = hashlib.sha256()
+    rows = read_jsonl(path, CANDIDATE_FIELDS, flag, key="mention_id", digest=digest)
     worlds = {m["mention_id"]: m["corpus"] for m in mentions}
     cands = {}
     for row in rows:
@@ -271,7 +282,7 @@ def read_candidates(cands_dir, split, mentions, flag="--cands_dir", documents=No
         if short:
             notice(f"{path}: {short} of {len(lengths)} mentions have fewer than {C_flag} {C} "
                    f"candidates (the shortest list holds {min(lengths)})")
-    return cands
+    return cands, digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,17 +481,32 @@ def encoder_fingerprint(tokenizer, model):
 def load_encoder(name, tokenizer, flag="--pretrained"):
     """The pretrained transformer `name` (AutoModel, SDPA attention where available), its
     embeddings resized when the tokenizer had to add the marker tokens. `model.fingerprint` is
-    its encoder_fingerprint as loaded (before the resize)."""
+    its encoder_fingerprint as loaded (before the resize). A weight of the encoder that its
+    checkpoint does not hold (it would start at random: a renamed or truncated checkpoint) stops
+    the run; a checkpoint without pooler weights loads without the pooler (a score then reads
+    the [CLS] state, with a notice)."""
     from transformers import AutoModel
     quiet_transformers()
     check_encoder(name, flag)
     try:
-        model = AutoModel.from_pretrained(name, add_pooling_layer=True, attn_implementation="sdpa")
+        model, info = AutoModel.from_pretrained(name, add_pooling_layer=True,
+                                                attn_implementation="sdpa",
+                                                output_loading_info=True)
     except Exception:
         try:
-            model = AutoModel.from_pretrained(name)
+            model, info = AutoModel.from_pretrained(name, output_loading_info=True)
         except Exception:
             die(f"{flag}: {model_path_hint(name)}")
+    missing = sorted(k for k in info["missing_keys"] if not k.split(".")[0] == "pooler")
+    wrong = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    if missing or wrong:
+        bad = missing or wrong
+        die(f"{flag}: {len(bad)} weights of the {model.config.model_type} encoder are "
+            f"{'not in' if missing else 'of another shape in'} the checkpoint of {name} (e.g. "
+            f"{bad[0]}); they would start at random (a renamed or partial checkpoint?)")
+    if info["missing_keys"] and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+        notice(f"{name} has no pooler weights: the encoder is used without its pooler")
     check_tokenizer_fits(tokenizer, model.config, name, flag)
     fingerprint = encoder_fingerprint(tokenizer, model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -490,10 +516,19 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
 
 
 def check_positions(encoder, length, flag):
-    """Stop unless windows of `length` tokens fit the encoder's position embeddings."""
-    positions = getattr(encoder.config, "max_position_embeddings", length)
-    check_flag(length <= positions, flag,
-               f"{length} is longer than the encoder's {positions} positions")
+    """Stop unless windows of `length` tokens go through the encoder: one forward pass of a
+    window of that length with every position used, before any work (RoBERTa and XLM-R take two
+    positions fewer than their max_position_embeddings)."""
+    import torch
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    token = 1 if getattr(encoder.config, "pad_token_id", None) == 0 else 0  # not padding
+    ids = torch.full((1, length), token, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except (IndexError, RuntimeError, ValueError) as e:
+        die(f"{flag}: windows of {length} tokens do not fit the encoder (max_position_embeddings"
+            f" {positions}: {str(e).splitlines()[0][:80]})")
 
 
 def _ids(tokenizer, texts, batch_size=4096):
@@ -627,7 +662,7 @@ def summary_lines(zeshel):
 
 def main(argv=None):
     import argparse
-    from run_safety import cli_main
+    from run_safety import main as cli_main
 
     @cli_main
     def run():

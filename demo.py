@@ -24,8 +24,8 @@ import sys
 import time
 
 from toy_world import make_demo_world
-from run_safety import claim_outputs, cli_main
-from utils import ArgumentParser, die, write_json
+from cli import ArgumentParser, die
+from run_safety import Outputs, main as cli_main, recorded, run_children
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = 4  # candidates per mention and recall@k: a name's 4 bearers
@@ -52,9 +52,25 @@ RERANKER = ["--type_model", "full", "--L", "32", "--C", "3", "--C_eval", str(K),
 # What the demo writes in its folder, and so all that it removes before a fresh run (the run
 # scripts' own files beside each model: .last, .log, .results.json).
 MODEL_SUFFIXES = ("", ".last", ".log", ".results.json")
-# The entries of --out the demo writes; it replaces nothing else (run_safety.claim_outputs).
-OUTPUTS = ("world", "compare", "cands", "summary.json", "demo.png") + tuple(
-    "reranker.pt" + suffix for suffix in MODEL_SUFFIXES)
+
+
+def demo_outputs(out, overwrite):
+    """The demo's own files (summary.json, demo.png), checked (run_safety.Outputs); and the files
+    its runs will write (the runs check them again): any of them there must be this project's,
+    unless `overwrite`."""
+    outputs = Outputs("demo", overwrite, flag="--out")
+    for name in ("summary.json", "demo.png"):
+        outputs.add(os.path.join(out, name))
+    models = [os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES
+              for seed in range(1, SEEDS + 1)] + [os.path.join(out, "reranker.pt")]
+    runs = [m + s for m in models for s in MODEL_SUFFIXES] + [
+        os.path.join(out, "cands", f"candidates_{s}.json") for s in ("train", "val", "test")]
+    for path in runs:
+        if os.path.lexists(path) and not path.endswith(".log") and not overwrite \
+                and recorded(path) is None:
+            die(f"--out: {path} was not written by this project; pass --overwrite to replace it, "
+                f"or choose another --out")
+    return outputs.start()
 
 
 def start(script, *args, quiet=False, alone=True):
@@ -71,8 +87,10 @@ def start(script, *args, quiet=False, alone=True):
 
 
 def wait(*started):
-    for script, proc in started:
-        if proc.wait() != 0:
+    """Wait for the runs; a stop signal is passed on to them (run_safety.run_children)."""
+    codes = run_children([proc for _, proc in started])
+    for (script, _), code in zip(started, codes):
+        if code != 0:
             die(f"the demo stopped: {script} failed (its log is in the run folder)")
 
 
@@ -163,7 +181,7 @@ def pipeline_table(rows):
     return "\n".join(lines)
 
 
-def plot(summary, path):
+def plot(summary, path, outputs):
     """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world.
     Returns the path, or None when matplotlib is not installed (it is optional)."""
     try:
@@ -201,7 +219,7 @@ def plot(summary, path):
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    outputs.write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -237,8 +255,9 @@ def main(argv=None):
         die(f"--pretrained: {args.pretrained} is not a folder (a local BERT-family model folder)")
     began = time.time()
     out = os.path.abspath(args.out)
-    claim_outputs(out, "demo", OUTPUTS, args.overwrite)  # run safety: only the demo's own files
-    data, bert = make_demo_world(os.path.join(out, "world"), overwrite=True)
+    outputs = demo_outputs(out, args.overwrite)  # run safety: only the demo's own files
+    outputs.claim({"tool": "demo"})
+    data, bert = make_demo_world(os.path.join(out, "world"), overwrite=args.overwrite)
     encoder = args.pretrained or pretrained_encoder()
     kind = "given" if args.pretrained else "MiniLM" if encoder else "tiny BERT"
     encoder = encoder or bert
@@ -259,11 +278,11 @@ def main(argv=None):
         quiet=args.quiet)
     run("main_reranker.py", "--model", rr, "--data", data, "--cands_dir", cands,
         "--pretrained", encoder, *RERANKER, quiet=args.quiet)
-    report(out, encoder, kind, runs, load(retriever + ".results.json"),
+    report(outputs, out, encoder, kind, runs, load(retriever + ".results.json"),
            load(rr + ".results.json"), began, compare_seconds)
 
 
-def report(out, encoder, kind, runs, retriever, reranker, began, compare_seconds):
+def report(outputs, out, encoder, kind, runs, retriever, reranker, began, compare_seconds):
     """Print the two tables and the closing note; write OUT/summary.json and OUT/demo.png."""
     c = comparison(runs)
     rows = pipeline_numbers(retriever, reranker)
@@ -279,7 +298,7 @@ def report(out, encoder, kind, runs, retriever, reranker, began, compare_seconds
                "pipeline": {"retriever": "compare/mixed_seed1.pt", "rows": rows},
                "reranker_encoder": encoder, "reranker_encoder_kind": kind,
                "comparison_seconds": compare_seconds, "wall_seconds": wall}
-    write_json(summary, os.path.join(out, "summary.json"))
+    outputs.write_json(summary, os.path.join(out, "summary.json"))
     r, m = c["arms"]["random"], c["arms"]["mixed"]
     verdict = ("ahead for every seed, by more than the spread between seeds"
                if c["mixed_ahead_every_seed"] and c["margin_exceeds_spread"] else
@@ -294,7 +313,7 @@ def report(out, encoder, kind, runs, retriever, reranker, began, compare_seconds
           f"{kind}\n\n{pipeline_table(rows)}\n\nR@{K}: the gold among the top {K} of its "
           f"world's 128 entities; U.Acc: linked correctly / all mentions; N.Acc: / mentions whose "
           f"gold is among the {K} candidates.")
-    figure = plot(summary, os.path.join(out, "demo.png"))
+    figure = plot(summary, os.path.join(out, "demo.png"), outputs)
     print(f"\nfigure: {figure}" if figure else
           "\nno figure: matplotlib is not installed (pip install matplotlib; it is optional)")
     print(f"\nAll runs, logs and results are in {out} (python report.py {out}); summary.json "

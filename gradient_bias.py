@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from run_safety import check_output_file, cli_main
-from utils import ArgumentParser, atomic_open
+from cli import ArgumentParser
+from run_safety import _check_writable as check_output_file, atomic_write, main as cli_main
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
 # to about 64 MB of float32 whatever N and monte_carlo are.
@@ -278,8 +278,7 @@ def plot(result, folder):
         ax.legend()
         fig.tight_layout()
         path = os.path.join(folder, name)
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png")
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -370,12 +369,11 @@ def main(argv=None):
                  f"(speed-up x{timing['speedup']:.0f}, median per step)")
     say(line)
     if args.out:
-        with atomic_open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        text = json.dumps(result, indent=1).encode()
+        atomic_write(args.out, lambda f: f.write(text))
         say(f"wrote {args.out}")
     if args.pickle:
-        with atomic_open(args.pickle, "wb") as f:
-            pickle.dump(result, f)
+        atomic_write(args.pickle, lambda f: pickle.dump(result, f))
         say(f"wrote {args.pickle}")
     if args.plot:
         for path in plot(result, args.plot):

@@ -31,37 +31,42 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import reranker
-from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder,
+from cli import (ArgumentParser, add_compatibility_args, add_data_arg, check_flag,
+                 check_positive, notices)
+from data_loader import (PRETRAINED, Zeshel, check_encoder, check_positions, load_encoder,
                          load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import check_candidates_manifest, cli_main, ignored_flag_notices
-from training import TrainingRun, add_training_args, check_training_args, start_training
-from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
-                   check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
+from run_safety import ignore_stop_signals, main as cli_main, notice, recorded, recorded_anywhere
+from training import (IGNORED_BY_OPTIMIZER, LossLog, Optimization, TrainingRun,
+                      add_training_args, check_training_args, ends_accumulation, gradient_sync,
+                      wrap_for_training)
+from utils import amp_dtype, autocast, epoch_generator, progress, set_seed, with_runtime
 
 SCRIPT = "main_reranker"
 SPLITS = ("train", "val", "test")
 
 
 def build_parser():
+    """The flags, the original's and ours; `free=True`: may differ when resuming, `path=True`: an
+    input compared by content (cli.py)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint path to write (required); also <model>.last, "
-                                    ".log, .results.json")
     add_data_arg(p, "--data")
-    p.add_argument("--cands_dir", help="folder of candidates_<split>.json (required)")
+    p.add_argument("--cands_dir", path=True, help="folder of candidates_<split>.json (required)")
     add_training_args(p, batch=8)
     p.add_argument("--L", type=int, default=256, help="tokens of a mention-entity pair")
     p.add_argument("--C", type=int, default=64, help="candidates per mention in training")
     p.add_argument("--C_eval", type=int, default=64, help="candidates per mention in evaluation")
-    p.add_argument("--eval_batchsize", type=int, default=None,
+    p.add_argument("--eval_batchsize", type=int, default=None, free=True,
                    help="mentions per evaluation batch (default: --B)")
     p.add_argument("--init", type=float, default=0.0,
                    help="std of the score layer's init (0: the encoder's initializer_range)")
-    p.add_argument("--num_workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--num_workers", type=int, default=0, free=True,
+                   help="data loader worker processes")
     p.add_argument("--eval_method", default="macro", choices=["micro", "macro"])
     add_scorer_args(p, reranker.TYPE_MODELS, default="full")
-    p.add_argument("--type_bert", default="base", choices=list(PRETRAINED["--type_bert"]))
-    p.add_argument("--pretrained", default=None,
+    p.add_argument("--type_bert", default="base", choices=list(PRETRAINED["--type_bert"]),
+                   path=True)
+    p.add_argument("--pretrained", default=None, path=True,
                    help="model folder or name (default: bert-base/large-uncased by --type_bert)")
     p.add_argument("--inputmark", action="store_true", help="wrap mentions in [unused0]/[unused1]")
     add_compatibility_args(p, "fp16_opt_level")
@@ -83,12 +88,12 @@ IGNORED_BY_MODE = tuple(
 ) + (("inputmark", lambda a: not _full(a),
       lambda a: f"--type_model {a.type_model} uses the retriever's windows, marked always"),
      ("init", lambda a: not _full(a),
-      lambda a: f"--type_model {a.type_model} has no score layer to initialise"))
+      lambda a: f"--type_model {a.type_model} has no score layer to initialise")
+     ) + IGNORED_BY_OPTIMIZER
 
 
 def check_args(args):
     """The flags' values, checked: stop with one line naming the first that is out of range."""
-    check_flag(args.model, "--model", "give the path of the checkpoint to write")
     check_flag(args.data_dir, "--data", "give the Zeshel folder")
     check_flag(args.cands_dir, "--cands_dir", "give the folder of the candidates files")
     check_flag(os.path.isdir(args.cands_dir), "--cands_dir", f"{args.cands_dir} is not a folder")
@@ -101,6 +106,7 @@ def check_args(args):
     check_flag(args.init >= 0, "--init", "must be 0 (the encoder's initializer_range) or more")
     if args.type_model != "full":
         check_scorer_args(args, args.L, "--L")
+    args.pretrained = pretrained_name("--type_bert", args.type_bert, args.pretrained)
     return args
 
 
@@ -108,15 +114,41 @@ def check_args(args):
 # Data
 
 def split_candidates(args, zeshel, split, training):
-    """A split's candidates, read and checked: (rows, kept (M,) bool) as
-    reranker.candidate_indices gives them."""
+    """A split's candidates, read once and checked: ((rows, kept (M,) bool) as
+    reranker.candidate_indices gives them, the sha256 of the file read)."""
     mentions = zeshel.mentions[split]
-    cands = read_candidates(args.cands_dir, split, mentions, documents=zeshel.documents,
-                            C=args.C if training else args.C_eval,
-                            C_flag="--C" if training else "--C_eval")  # Run safety
+    cands, sha = read_candidates(args.cands_dir, split, mentions, documents=zeshel.documents,
+                                 C=args.C if training else args.C_eval,
+                                 C_flag="--C" if training else "--C_eval")
     path = os.path.join(args.cands_dir, f"candidates_{split}.json")
     return reranker.candidate_indices(zeshel.entities(split), mentions, cands,
-                                      args.C if training else args.C_eval, training, path)
+                                      args.C if training else args.C_eval, training, path), sha
+
+
+def check_candidates(cands_dir, digests, zeshel):
+    """Stop unless the candidates files read ({split: sha256 of what was read}) are those
+    save_candidates.py wrote in `cands_dir` (its record), all of one run, from the data of
+    `zeshel`; files its record does not know (the original code's) are a notice."""
+    paths = {s: os.path.join(cands_dir, f"candidates_{s}.json") for s in digests}
+    if not any(recorded_anywhere(p) for p in paths.values()):
+        notice(f"{cands_dir}: candidates not written by this project's save_candidates.py: "
+               f"used unchecked")
+        return
+    runs = set()
+    for split, path in paths.items():
+        got = recorded(path, digests[split])
+        check_flag(got is not None and got[0].get("tool") == "save_candidates", "--cands_dir",
+                   f"{path} is not the file save_candidates.py wrote (changed since, or never "
+                   f"written by it); run save_candidates.py again")
+        runs.add(got[0]["run"])
+        made = (got[1] or {}).get("inputs", {}).get("data_dir", {}).get("content") or {}
+        now = zeshel.fingerprint()
+        for s in digests:
+            check_flag(made.get(s) in (None, now.get(s)), "--cands_dir",
+                       f"{cands_dir} holds candidates made from other data (its {s} split "
+                       f"differs from --data {zeshel.data_dir}); run save_candidates.py on it")
+    check_flag(len(runs) == 1, "--cands_dir", f"the candidates files of {cands_dir} come from "
+               f"different runs of save_candidates.py (one stopped half-way?); run it again")
 
 
 def load_split(args, zeshel, tokenizer, split, training, rows, kept, rt=None):
@@ -140,7 +172,7 @@ def loader(dataset, batch_size, args, rt, shuffle, epoch=0):
     and the epoch only (so a resumed run repeats it); under torchrun each process takes its share
     of every batch (training) or every W-th mention (evaluation)."""
     common = dict(batch_size=batch_size, collate_fn=reranker.collate, num_workers=args.num_workers,
-                  pin_memory=rt.device.type == "cuda",
+                  pin_memory=rt.device.type == "cuda", worker_init_fn=ignore_stop_signals,
                   generator=epoch_generator(args.seed, epoch))
     if rt.distributed and shuffle:
         sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=args.seed)
@@ -184,25 +216,31 @@ def describe(entry, eval_method):
 
 @cli_main
 def main(argv=None):
-    args = parse_args(argv)
-    start_training(args, SCRIPT, pretrained_name("--type_bert", args.type_bert, args.pretrained))
-    with_runtime(args, train_reranker)
+    parser = build_parser()
+    args = check_args(parser.parse_args(argv))
+    with_runtime(args, lambda args, rt: train_reranker(args, rt, parser))
 
 
 def load_data_and_model(args, run, rt):
-    """(the train CandidateDataset, val and test as evaluate takes them, the model), after
-    checking the candidates, --L against the encoder, and the data, encoder and candidates
-    against those of the run resumed or replaced (run.inputs_checked)."""
+    """(the train CandidateDataset, val and test as evaluate takes them, the model, the resumed
+    state), after checking the candidates, --L against the encoder, and the data, encoder and
+    candidates against the files at --model or the run resumed (run.start)."""
     log, clock = run.log, run.clock
+    check_encoder(args.pretrained, loadable=False)
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"), flag="--data")
-    cands = check_candidates_manifest(args.cands_dir, SPLITS)  # the files by content
+    candidates, cands = {}, {}
+    for s in SPLITS:  # each file read once: its rows and the digest of what was read
+        candidates[s], cands[s] = split_candidates(args, zeshel, s, s == "train")
+    check_candidates(args.cands_dir, cands, zeshel)
     clock.lap("loading and checking")
-    name = pretrained_name("--type_bert", args.type_bert, args.pretrained)
-    tokenizer = load_tokenizer(name)
-    encoder = load_encoder(name, tokenizer)
+    tokenizer = load_tokenizer(args.pretrained)
+    encoder = load_encoder(args.pretrained, tokenizer)
     check_positions(encoder, args.L, "--L")
-    candidates = {s: split_candidates(args, zeshel, s, s == "train") for s in SPLITS}
-    run.inputs_checked(data=zeshel.fingerprint(), encoder=encoder.fingerprint, cands=cands)
+    model = reranker.build_ranker(args.type_model, encoder, args.init, args.num_mention_vecs,
+                                  args.num_entity_vecs, args.mention_use_codes,
+                                  args.entity_use_codes)
+    state = run.start(model, {"data_dir": zeshel.fingerprint(), "pretrained": encoder.fingerprint,
+                              "cands_dir": cands})
     train, _ = load_split(args, zeshel, tokenizer, "train", True, *candidates["train"], rt)
     log.info("train: %d mentions, %d candidates each, the gold first", len(train), args.C)
     evals = {}
@@ -212,23 +250,23 @@ def load_data_and_model(args, run, rt):
         log.info("%s: %d mentions, %d with the gold among the first %d candidates (%.2f%%)", split,
                  len(kept), int(kept.sum()), args.C_eval, 100.0 * kept.mean())
     clock.lap("reranker preparation (candidates and tokenization)")
-    model = reranker.build_ranker(args.type_model, encoder, args.init, args.num_mention_vecs,
-                                  args.num_entity_vecs, args.mention_use_codes,
-                                  args.entity_use_codes)
-    return train, evals, model
+    return train, evals, model, state
 
 
-def train_reranker(args, rt):
+def train_reranker(args, rt, parser):
     """Set up, then per epoch: the training loop and val; test at the end."""
-    run = TrainingRun(SCRIPT, args, rt, {"eval_method": args.eval_method, "val": [], "test": None},
+    run = TrainingRun(SCRIPT, args, parser, rt, {"eval_method": args.eval_method, "val": [],
+                                                 "test": None},
                       criterion="acc_unorm", ties_replace=False)
     log, clock = run.log, run.clock
-    ignored_flag_notices(args, build_parser(), IGNORED_BY_MODE, log)
-    state = run.resume_state()  # the flags checked against the saved run's
+    for line in notices(args, parser, IGNORED_BY_MODE):
+        log.info("notice: %s", line)
     dtype = amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     set_seed(args.seed)
-    train, evals, model = load_data_and_model(args, run, rt)
-    train_model = run.start(model.to(rt.device), len(train), dtype, state)
+    train, evals, model, state = load_data_and_model(args, run, rt)
+    model.to(rt.device)
+    opt = Optimization(model, args, len(train), dtype, rt.device, state)
+    train_model = wrap_for_training(model, rt)
     eval_model = train_model if isinstance(train_model, torch.nn.DataParallel) else model
 
     def validate(epoch):
@@ -236,21 +274,27 @@ def train_reranker(args, rt):
         clock.lap(f"val evaluation, epoch {epoch}")
         run.results["val"].append(entry)
         log.info("val epoch %d: %s", epoch, describe(entry, args.eval_method))
-        run.end_epoch(epoch, entry["acc_unorm"])
+        return entry["acc_unorm"]
 
     if args.epochs == 0:  # the untrained model, saved as the best so that test reads it back
-        validate(0)
-    for epoch in run.remaining_epochs():
+        run.end_epoch(0, validate(0), opt)
+    for epoch in range(run.epoch, args.epochs):
         batches = loader(train, args.B // rt.world_size, args, rt, shuffle=True, epoch=epoch)
-        for _, *inputs in run.batches(batches, epoch):
-            with run.sync():
+        losses = LossLog(rt.device)
+        train_model.train()
+        for i, (_, *inputs) in enumerate(progress(batches, desc=f"epoch {epoch + 1}",
+                                                  disable=run.quiet)):
+            update = ends_accumulation(i, len(batches), args.gradient_accumulation_steps)
+            with gradient_sync(train_model, update):
                 with autocast(rt.device, dtype):
                     scores = train_model(*(t.to(rt.device, non_blocking=True) for t in inputs))
                 loss = nce_loss(scores)  # scores (B, C), the gold at 0
-                run.backward(loss)  # a non-finite loss stops the run
-            run.step()
-        run.end_training(epoch)
-        validate(epoch + 1)
+                opt.backward(loss)
+            losses.add(loss, opt.steps)
+            if update and opt.step() % args.logging_steps == 0:
+                run.log_losses(losses, epoch + 1, opt)  # a non-finite loss stops the run
+        clock.lap(f"training, epoch {epoch + 1}")
+        run.end_epoch(epoch + 1, validate(epoch + 1), opt, losses)  # checks the losses first
 
     run.results["test"] = evaluate(eval_model, evals["test"], args, rt, dtype, run.load_best())
     clock.lap("test evaluation")

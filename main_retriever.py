@@ -23,28 +23,32 @@ DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hidde
 """
 import torch
 
-from data_loader import PRETRAINED, Zeshel, check_positions, pretrained_name
-from retriever import (TYPE_CANDS, add_scorer_args, check_scorer_args, check_worlds_hold,
-                       encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
-                       RANDOM_NEGATIVES, random_negative_stream, rank_split, ranking_entry,
-                       vector_counts)
-from run_safety import cli_main, ignored_flag_notices
-from training import TrainingRun, add_training_args, check_training_args, start_training
-from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
-                   check_flag, check_positive, epoch_generator, set_seed, unwrap, with_runtime)
+from cli import (ArgumentParser, add_compatibility_args, add_data_arg, check_flag,
+                 check_positive, notices)
+from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
+from retriever import (RANDOM_NEGATIVES, TYPE_CANDS, add_scorer_args, candidate_counts, check_scorer_args,
+                       check_worlds_hold, encode_retriever_split, epoch_negatives, load_retriever,
+                       nce_loss, random_negative_stream, rank_split, ranking_entry, vector_counts)
+from run_safety import main as cli_main
+from training import (IGNORED_BY_OPTIMIZER, LossLog, Optimization, TrainingRun,
+                      add_training_args, check_training_args, ends_accumulation, gradient_sync,
+                      wrap_for_training)
+from utils import amp_dtype, autocast, epoch_generator, progress, set_seed, unwrap, with_runtime
 
 SCRIPT = "main_retriever"
 
 
 def build_parser():
+    """The flags, the original's and ours; `free=True`: may differ when resuming, `path=True`: an
+    input compared by content (cli.py)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model",
-                   help="checkpoint path (required); also <model>.last, .log, .results.json")
     add_data_arg(p, "--data_dir")
     add_training_args(p, batch=128)
     p.add_argument("--max_len", type=int, default=128, help="tokens of a mention or entity window")
-    p.add_argument("--pre_model", default="Bert", choices=list(PRETRAINED["--pre_model"]))
-    p.add_argument("--pretrained", help="model folder or hub name (default: from --pre_model)")
+    p.add_argument("--pre_model", default="Bert", choices=list(PRETRAINED["--pre_model"]),
+                   path=True)
+    p.add_argument("--pretrained", path=True,
+                   help="model folder or hub name (default: from --pre_model)")
     add_scorer_args(p)
     p.add_argument("--type_cands", default="mixed_negative", choices=TYPE_CANDS)
     p.add_argument("--num_cands", type=int, default=128, help="negatives per mention")
@@ -58,12 +62,12 @@ def build_parser():
                         "original; fresh: drawn anew every epoch (docs/DESIGN.md#negatives)")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
-    p.add_argument("--eval_batchsize", type=int, default=512,
-                   help="mentions per encoder batch in evaluation")
-    p.add_argument("--mention_bsz", type=int, default=512,
-                   help="mentions per encoder batch in mining")
-    p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
-    add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path")
+    p.add_argument("--mention_bsz", type=int, default=512, free=True,
+                   help="mentions per encoder batch in mining and ranking")
+    p.add_argument("--entity_bsz", type=int, default=512, free=True,
+                   help="entities per streamed chunk")
+    add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path",
+                           "eval_batchsize")
     return p
 
 
@@ -86,29 +90,33 @@ IGNORED_BY_MODE = (
      lambda a: f"--type_model {a.type_model} takes one mention vector"),
     ("num_entity_vecs", lambda a: vector_counts(a.type_model, 2, 2)[1] == 1,
      lambda a: f"--type_model {a.type_model} takes one entity vector"),
-)
+    ("random_negatives", lambda a: candidate_counts(a.type_cands, a.num_cands,
+                                                    a.cands_ratio)[0] == 0,
+     lambda a: "no random negatives are drawn"),
+) + IGNORED_BY_OPTIMIZER
 
 
 def check_args(args):
     """The flags' values, checked: stop with one line naming the first that is out of range."""
-    check_flag(args.model, "--model", "a checkpoint path is required")
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_training_args(args)
-    check_positive(args, "k", "num_cands", "eval_batchsize", "mention_bsz", "entity_bsz")
+    check_positive(args, "k", "num_cands", "mention_bsz", "entity_bsz")
     check_flag(0.0 <= args.cands_ratio <= 1.0, "--cands_ratio",
                f"{args.cands_ratio} is not in [0, 1]")
     check_flag(args.max_len >= 4, "--max_len", f"{args.max_len} is too short for a window")
     check_flag(args.smoothing_value >= 0, "--smoothing_value",
                f"must be 0 or more (got {args.smoothing_value})")
     check_scorer_args(args, args.max_len, "--max_len")
+    args.pretrained = pretrained_name("--pre_model", args.pre_model, args.pretrained)
     return args
 
 
 def load_data_and_model(args, run, rt):
     """(the tokenized splits the run needs (train only when it trains), the retriever), after
     checking --k and --num_cands against the entity sets, --max_len against the encoder, and the
-    data and encoder against those of the run resumed or replaced (run.inputs_checked)."""
+    data and encoder against the files at --model or the run resumed (run.start)."""
     log, clock = run.log, run.clock
+    check_encoder(args.pretrained, loadable=False)
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_worlds_hold(zeshel, ("val", "test"), args.k, "--k")
     if args.epochs > 0:
@@ -116,12 +124,12 @@ def load_data_and_model(args, run, rt):
         check_flag(args.num_cands <= n - 1, "--num_cands", f"{args.num_cands} negatives asked for "
                    f"but train has {n} entities (gold included)")
     clock.lap("loading and checking")
-    tokenizer, model = load_retriever(pretrained_name("--pre_model", args.pre_model,
-                                                      args.pretrained), args.type_model,
-                                      args.num_mention_vecs, args.num_entity_vecs,
-                                      args.mention_use_codes, args.entity_use_codes)
+    tokenizer, model = load_retriever(args.pretrained, args.type_model, args.num_mention_vecs,
+                                      args.num_entity_vecs, args.mention_use_codes,
+                                      args.entity_use_codes)
     check_positions(model.mention_encoder, args.max_len, "--max_len")
-    run.inputs_checked(data=zeshel.fingerprint(), encoder=model.mention_encoder.fingerprint)
+    state = run.start(model, {"data_dir": zeshel.fingerprint(),
+                              "pretrained": model.mention_encoder.fingerprint})
     splits = ("train", "val", "test") if args.epochs > 0 else ("val", "test")
     pin = rt.device.type == "cuda"
     data = {s: encode_retriever_split(tokenizer, zeshel, s, args.max_len, pin, rt) for s in splits}
@@ -129,20 +137,21 @@ def load_data_and_model(args, run, rt):
              *[x for s in ("train", "val", "test")
                for x in (len(zeshel.mentions[s]), len(zeshel.entities(s)))])
     clock.lap("model and tokenization")
-    return data, model
+    return data, model, state
 
 
 @cli_main
 def main(argv=None):
-    args = parse_args(argv)
-    start_training(args, SCRIPT, pretrained_name("--pre_model", args.pre_model, args.pretrained))
-    with_runtime(args, train_retriever)
+    parser = build_parser()
+    args = check_args(parser.parse_args(argv))
+    with_runtime(args, lambda args, rt: train_retriever(args, rt, parser))
 
 
 @torch.no_grad()
 def evaluate(model, data, args, stream, epoch):
-    """Rank a split's mentions against all its entities: its results.json entry."""
-    pooled, per_world = rank_split(unwrap(model), data, args.k, mention_bsz=args.eval_batchsize,
+    """Rank a split's mentions against all its entities (in batches of --mention_bsz mentions,
+    as the original): its results.json entry."""
+    pooled, per_world = rank_split(unwrap(model), data, args.k, mention_bsz=args.mention_bsz,
                                    **stream)
     return ranking_entry(pooled, per_world, data, args.k, epoch)
 
@@ -154,18 +163,20 @@ def describe(entry, k):
             + " ".join(f"{w} {r[key]:.2f}" for w, r in entry["per_world"].items()))
 
 
-def train_retriever(args, rt):
+def train_retriever(args, rt, parser):
     """Set up, then per epoch: the negatives, the training loop and val; test at the end."""
-    run = TrainingRun(SCRIPT, args, rt, {"k": args.k, "val": [], "test": None},
+    run = TrainingRun(SCRIPT, args, parser, rt, {"k": args.k, "val": [], "test": None},
                       criterion=args.eval_criterion, ties_replace=True)
     log, clock = run.log, run.clock
-    ignored_flag_notices(args, build_parser(), IGNORED_BY_MODE, log)
-    state = run.resume_state()  # the flags checked against the saved run's
+    for line in notices(args, parser, IGNORED_BY_MODE):
+        log.info("notice: %s", line)
     set_seed(args.seed)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
-    data, model = load_data_and_model(args, run, rt)
+    data, model, state = load_data_and_model(args, run, rt)
     train = data.get("train")
-    train_model = run.start(model.to(device), len(train.golds) if train else 0, dtype, state)
+    model.to(device)
+    opt = Optimization(model, args, len(train.golds) if train else 0, dtype, device, state)
+    train_model = wrap_for_training(model, rt)
     stream = dict(entity_bsz=args.entity_bsz, device=device, dtype=dtype, rt=rt, quiet=run.quiet)
 
     def validate(epoch):
@@ -173,12 +184,11 @@ def train_retriever(args, rt):
         clock.lap(f"val ranking, epoch {epoch}")
         run.results["val"].append(entry)
         log.info("val epoch %d: %s", epoch, describe(entry, args.k))
-        run.end_epoch(epoch, entry[f"recall@{args.k}" if args.eval_criterion == "recall"
-                                   else "accuracy"])
+        return entry[f"recall@{args.k}" if args.eval_criterion == "recall" else "accuracy"]
 
     if args.epochs == 0:  # the zero-shot baseline, saved so that candidates can be dumped from it
-        validate(0)
-    for epoch in run.remaining_epochs():
+        run.end_epoch(0, validate(0), opt)
+    for epoch in range(run.epoch, args.epochs):
         negatives = epoch_negatives(
             unwrap(model), train, args.type_cands, args.num_cands, args.cands_ratio,
             smoothing_value=args.smoothing_value, exclude_golds=args.exclude_golds,
@@ -189,7 +199,9 @@ def train_retriever(args, rt):
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
         draws = random_negative_stream(args.random_negatives, generator)
-        for batch in run.batches(batches, epoch):
+        losses = LossLog(device)
+        train_model.train()
+        for i, batch in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=run.quiet)):
             # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
             own, cands, log_q = negatives.batch(batch, draws, rt.rank, rt.world_size)
             b, c = cands.shape
@@ -198,13 +210,16 @@ def train_retriever(args, rt):
                       train.entity_ids[cands.view(-1)].view(b, c, -1).to(**to),
                       train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to))
             log_q = None if log_q is None else log_q.to(**to)
-            with run.sync():
+            update = ends_accumulation(i, len(batches), args.gradient_accumulation_steps)
+            with gradient_sync(train_model, update):
                 with autocast(device, dtype):
                     loss = nce_loss(train_model(*inputs), log_q)  # scores (b, 1 + C), gold first
-                run.backward(loss)  # a non-finite loss stops the run
-            run.step()
-        run.end_training(epoch)
-        validate(epoch + 1)
+                opt.backward(loss)
+            losses.add(loss, opt.steps)
+            if update and opt.step() % args.logging_steps == 0:
+                run.log_losses(losses, epoch + 1, opt)  # a non-finite loss stops the run
+        clock.lap(f"training, epoch {epoch + 1}")
+        run.end_epoch(epoch + 1, validate(epoch + 1), opt, losses)  # checks the losses first
 
     run.results["test"] = evaluate(model, data["test"], args, stream, run.load_best())
     clock.lap("test ranking")

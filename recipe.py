@@ -2,7 +2,7 @@
 (without paths), the appendix's scorers and shares of hard negatives, Zeshel's sizes, and the
 reference numbers (docs/DESIGN.md#deviations says where ours may differ). `sweep.py` runs them,
 `report.py` compares runs with them, `bench.py` and `bench/rehearsal.py` size them."""
-from utils import check_flag
+from cli import check_flag
 
 # The README's command lines (the original's), without paths, without --gpus (the machine's
 # choice) and without --store_en_hiddens / --en_hidden_path (entity vectors are streamed).

@@ -26,8 +26,10 @@ import sys
 
 from recipe import (HARD_SHARES, PAPER_TEST_RECALL, PAPER_VAL_RECALL, PEER_ACCURACY,
                     PEER_RECALL, SCORERS, split_flags)
-from run_safety import check_output_dir, cli_main
-from utils import ArgumentParser, atomic_open, die
+from cli import ArgumentParser, die
+from run_safety import Outputs, check_output_dir, main as cli_main
+
+FIGURES = Outputs("report", flag="--plot")  # the PNGs of --plot (a minimal stand-in)
 
 
 def find_files(paths):
@@ -363,8 +365,7 @@ def plot(groups, folder):
     def save(fig, name):
         path = os.path.join(folder, name)
         fig.tight_layout()
-        with atomic_open(path, "wb") as f:  # whole or not at all; a write error is one line
-            fig.savefig(f, format="png", dpi=120)
+        FIGURES.write(path, lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         written.append(path)
 
@@ -439,7 +440,7 @@ def plot_demos(paths, folder):
     for i, (_, summary) in enumerate(demo_summaries(paths)):
         os.makedirs(folder, exist_ok=True)
         name = "demo.png" if i == 0 else f"demo_{i + 1}.png"
-        written.append(demo.plot(summary, os.path.join(folder, name)))
+        written.append(demo.plot(summary, os.path.join(folder, name), FIGURES))
     return written
 
 

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from data_loader import (encode_entities, encode_mentions, freeze_objects, pad_rows,
                          reranker_entity_ids, reranker_mention_ids, reranker_pair)
 from retriever import TYPE_MODELS as RETRIEVER_SCORERS, Retriever
-from utils import die, encode_in_shares, gather_shares
+from cli import die
+from utils import encode_in_shares, gather_shares
 
 # --type_model: the cross-encoder, or a retriever scorer over the same candidates
 TYPE_MODELS = ("full",) + RETRIEVER_SCORERS

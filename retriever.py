@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from data_loader import (encode_entities, encode_mentions, freeze_objects, load_encoder,
                          load_tokenizer)
-from utils import autocast, check_flag, check_positive, encode_in_shares, progress
+from cli import check_flag, check_positive
+from utils import autocast, encode_in_shares, progress
 
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
 # Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n float32 elements):

@@ -1,457 +1,472 @@
-"""Run safety (docs/DESIGN.md#run-safety): no silent garbage, no lost work, one line per mistake.
-Every check here runs before any work: the flags and output paths, who wrote the files a run would
-replace and with which flags, the candidate folders' manifests, the run's lock, and SIGTERM / SIGINT
-turned into a clean stop that says where the last complete state is."""
+"""Run safety (docs/DESIGN.md#run-safety): a run does what was asked or says why in one line, and
+loses or replaces nothing it should not. One design:
+
+- what a run reads is known by the digest of what it read (read once, hashed as read), and what
+  it writes by the digest of what it wrote: every file a tool writes is recorded, with its
+  digest and the description of the run that wrote it (its tool, defining flags and inputs), in
+  the record of its folder (`.hard-nce-el.record`);
+- `Outputs`: a run names every file it will write before any work; each must be writable, and
+  one that exists must be this project's, unchanged since written, and of this same run (a
+  rerun, or `--resume_training`), unless `--overwrite`;
+- files appear whole or not at all (`atomic_write`), and SIGINT, SIGTERM and SIGHUP wait for
+  the write in progress, then end the run in one line (`main`); the next run clears what a
+  killed one left;
+- `main` turns a UserError into one line and exit status 2.
+"""
 import contextlib
+import errno
 import fcntl
 import functools
+import glob
 import hashlib
+import io
 import json
-import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 
 import torch
 
-from utils import (Stopped, UserError, check_flag, die, load_checkpoint, log_to_file, notice,
-                   output_error, recorded_args, signal_deferred, unwrap, write_json)
+from cli import UserError, check_flag, die
+
+RECORD = ".hard-nce-el.record"  # JSON; not *.json, which tools list as data
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags and output paths
+# Signals: a stop waits for the write in progress
 
-def check_finite_flags(args):
-    """Stop on a float flag given as nan or inf (`--lr nan`, `--clip inf`): argparse takes them."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            die(f"--{name}: {value} is not a finite number")
+class Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP: the run ends like a clean stop (a BaseException, as
+    KeyboardInterrupt, so that no `except Exception` swallows it)."""
 
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
 
-def ignored_flag_notices(args, parser, rules, log):
-    """One log notice per flag given a value other than its default that the chosen mode
-    ignores. `rules`: [(flag name, ignored(args) -> bool, why(args) -> str)]."""
-    for name, ignored, why in rules:
-        value = getattr(args, name)
-        if value != parser.get_default(name) and ignored(args):
-            log.info("notice: --%s %s has no effect: %s", name, value, why(args))
 
-
-def check_output_file(path, flag):
-    """Stop unless `path` can be written as a file: not a folder (nor a name ending in /), and its
-    folder exists and is writable or can be created."""
-    if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        die(f"{flag}: {path} is a folder; give the path of a file in it, e.g. "
-            f"{os.path.join(path, 'model.pt')}")
-    _check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
-
-
-def check_output_dir(path, flag):
-    """Stop unless `path` is a writable folder or one that can be created."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        die(f"{flag}: {path} is a file, not a folder")
-    _check_writable_folder(os.path.abspath(path), flag, path)
-
-
-def _check_writable_folder(folder, flag, given):
-    existing = folder
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        die(f"{flag}: cannot make the folder of {given}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        die(f"{flag}: cannot write {given}: the folder {existing} is not writable")
-
-
-# ----------------------------------------------------------------------------------------------
-# The checkpoints of a run: who wrote them, with which flags
-
-# Flags that may differ between a run and the run it resumes (or a rerun over its files): they
-# change neither what is trained nor what is measured. Every other flag must match.
-MAY_DIFFER = frozenset({
-    "quiet", "gpus", "resume_training", "overwrite",
-    "fp16", "bf16", "fp32", "fp16_opt_level",                     # precision (resumable)
-    "eval_batchsize", "mention_bsz", "entity_bsz", "num_workers",  # batching of encoding
-    "logging_steps", "store_en_hiddens", "en_hidden_path",         # logging, ignored flags
-    "num_hards", "ignored_flags"})
-
-
-# Paths that may move between a run and its resumption (same files, another place): a notice.
-MAY_MOVE = frozenset({"model", "data_dir", "data", "cands_dir", "pretrained"})
-
-
-# One checkpoint schema for both trainers: `<model>` holds CHECKPOINT_KEYS, `<model>.last` these
-# and TRAINING_STATE_KEYS. "script" names the script that wrote it ("main_retriever"), "inputs"
-# what its data and encoder (and candidates) held (check_inputs; absent from checkpoints written
-# before it was recorded, which are still read: OPTIONAL_KEYS).
-CHECKPOINT_KEYS = ("script", "args", "inputs", "model", "epoch", "step", "best_score", "results")
-OPTIONAL_KEYS = ("inputs",)
-
-
-TRAINING_STATE_KEYS = CHECKPOINT_KEYS + ("optimizer", "scheduler", "scaler", "losses", "rng")
-
-
-def checkpoint_script(state):
-    """The script that wrote a checkpoint ("main_retriever", "main_reranker"): its `script`
-    entry, or for checkpoints without one, inferred from its arguments; None for other files."""
-    if not isinstance(state, dict):
-        return None
-    if state.get("script"):
-        return state["script"]
-    saved = state.get("args")
-    if not isinstance(saved, dict):
-        return None
-    if "cands_dir" in saved or "C" in saved:
-        return "main_reranker"
-    if "num_cands" in saved:
-        return "main_retriever"
-    return None
-
-
-def differing_flags(args, saved, may_differ=MAY_DIFFER | MAY_MOVE):
-    """[(flag, saved value, value now)] for each flag of `args` (a Namespace) that `saved` (the
-    arguments dict of a checkpoint) holds with another value, but those of `may_differ`."""
-    now = vars(args)
-    return [(k, saved[k], v) for k, v in now.items()
-            if k in saved and k not in may_differ and saved[k] != v]
-
-
-def peek_checkpoint(path, flag="--model"):
-    """A checkpoint's dict, memory-mapped (its arguments are read without reading its tensors)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:  # the old serialization cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            die(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}); pass "
-                f"--overwrite to replace it, or choose another {flag}")
-
-
-def load_run_checkpoint(path, script, flag="--model", training_state=False):
-    """The checkpoint at `path`, written by `script`; stop with one line naming `flag` when it is
-    missing, unreadable, another script's, or lacks an entry."""
-    state = load_checkpoint(path, flag=flag)
-    writer = checkpoint_script(state)  # also for checkpoints written before the "script" entry
-    check_flag(writer == script, flag, f"{path} was written by "
-               f"{writer + '.py' if writer else 'another program'}, not by {script}.py")
-    keys, what = ((TRAINING_STATE_KEYS, "training state") if training_state
-                  else (CHECKPOINT_KEYS, "checkpoint"))
-    missing = [k for k in keys if k not in state and k not in OPTIONAL_KEYS]
-    check_flag(not missing, flag, f"{path} is not a whole {what} of {script}.py "
-               f"(no {missing[:1]})")
-    return state
-
-
-def load_weights(model, weights, path, flag):
-    try:
-        unwrap(model).load_state_dict(weights)
-    except RuntimeError:
-        die(f"{flag}: {path} holds a model of another shape than these flags build")
-
-
-def check_resume_flags(args, state, path, script):
-    """Stop unless the training state at `path` was written by `script` with the flags of this run
-    (but MAY_DIFFER and the paths of MAY_MOVE, whose content check_inputs compares)."""
-    writer = checkpoint_script(state)
-    saved = state.get("args") if isinstance(state, dict) else None
-    if not isinstance(saved, dict) or writer not in (None, script):
-        die(f"--resume_training: {path} was written by {writer or 'another program'}"
-            f"{'.py' if writer else ''}, not {script}.py")
-    for flag, old, new in differing_flags(args, saved):
-        die(f"--{flag}: {path} was trained with --{flag} {old}; resuming with {new} would change "
-            f"what is trained or measured (resume with --{flag} {old}, or start a new --model)")
-
-
-def check_overwrite(args, script, flag="--model"):
-    """Stop before any work when `<model>`, `<model>.last` or `<model>.results.json` exist and
-    were written by another script or with other flags (but MAY_DIFFER and MAY_MOVE): they are
-    replaced only by a rerun of the same run, `--resume_training`, or with `--overwrite`. The
-    checkpoints found are kept for check_inputs, which compares what their paths hold."""
-    _RUN["replaces"] = []
-    if getattr(args, "overwrite", False) or getattr(args, "resume_training", False):
-        return
-    paths = [args.model + ".last", args.model]
-    results = args.model + ".results.json"
-    found = [p for p in paths if os.path.isfile(p)]
-    if not found and os.path.exists(results):
-        die(f"{flag}: {results} exists (the results of an earlier run); pass --overwrite to "
-            f"replace it, or choose another {flag}")
-    for path in found:
-        state = peek_checkpoint(path, flag)
-        writer = checkpoint_script(state)
-        if writer != script:
-            die(f"{flag}: {path} was written by {writer or 'another program'}"
-                f"{'.py' if writer else ''}, not {script}.py; pass --overwrite to replace it, or "
-                f"choose another {flag}")
-        for name, old, new in differing_flags(args, state["args"]):
-            die(f"{flag}: {path} holds a run with --{name} {old} (now {new}); pass --overwrite to "
-                f"replace it, --resume_training to continue it, or choose another {flag}")
-        _RUN["replaces"].append((path, state["args"], state.get("inputs"), state.get("epoch")))
-
-
-# ----------------------------------------------------------------------------------------------
-# What a run's paths hold: a checkpoint records its inputs by content ("inputs": {name:
-# fingerprint}, data_loader.Zeshel.fingerprint and encoder_fingerprint), so that a path may move
-# (MAY_MOVE) only when what it points to is the same.
-
-INPUT_FLAGS = {"data": "data_dir", "encoder": "pretrained", "cands": "cands_dir"}
-OTHER = {"data": "other data", "encoder": "another encoder", "cands": "other candidates"}
-
-
-def absolute(value):
-    """`value` made an absolute path when it names an existing file or folder (a relative path
-    would name other files from another folder); any other value as it is."""
-    return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
-
-
-def checkpoint_args(args):
-    """The arguments a checkpoint records: recorded_args, with the paths of its inputs absolute."""
-    return {k: absolute(v) if k in INPUT_FLAGS.values() else v
-            for k, v in recorded_args(args).items()}
-
-
-def _same_path(a, b):
-    return absolute(a) == absolute(b)
-
-
-def _what_differs(name, old, new):
-    if name == "data":
-        def said(fp):
-            return ("none" if fp is None else f"{fp['mentions']} mentions, {fp['entities']} "
-                    f"entities, sha256 {fp['sha256'][:12]}")
-        split = next(s for s in sorted(set(old) | set(new)) if old.get(s) != new.get(s))
-        return f"{split}: {said(old.get(split))}, now {said(new.get(split))}"
-    parts = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return f"its {' and '.join(parts)} differ"
-
-
-def input_differences(saved_args, saved_inputs, args, inputs):
-    """[(flag, old path, new path, why)] for each input of `inputs` ({name: fingerprint}) that is
-    not what the checkpoint of `saved_args` / `saved_inputs` used: another content, or, for a
-    checkpoint without fingerprints, another path. And [(flag, old, new)] of those moved with the
-    same content."""
-    differ, moved = [], []
-    for name, fingerprint in inputs.items():
-        key = INPUT_FLAGS[name]
-        old_path, new_path = saved_args.get(key), getattr(args, key, None)
-        old = (saved_inputs or {}).get(name)
-        if old is None:
-            if not _same_path(old_path, new_path):
-                differ.append((key, old_path, new_path, "it does not record what that held"))
-        elif old != fingerprint:
-            differ.append((key, old_path, new_path, _what_differs(name, old, fingerprint)))
-        elif not _same_path(old_path, new_path):
-            moved.append((key, old_path, new_path))
-    return differ, moved
-
-
-def check_inputs(args, inputs, resumed=None):
-    """After the inputs are loaded, before anything is written: stop when the run resumed
-    (`resumed`: (path, its args, its inputs)) or the files it would replace (check_overwrite)
-    used other data, another encoder or other candidates than `inputs` (by content, whatever
-    the paths), naming the flag, the old and the new path. A path moved with the same content is
-    a notice; so is a rerun of a finished run with the same flags and inputs."""
-    checked = [resumed] if resumed else [r[:3] for r in _RUN.get("replaces", [])]
-    for path, saved_args, saved_inputs in checked:
-        differ, moved = input_differences(saved_args, saved_inputs, args, inputs)
-        for key, old, new, why in differ:
-            if resumed:
-                die(f"--{key}: {path} was trained with --{key} {old}, and --{key} {new} is not "
-                    f"the same ({why}); resume with what it was trained on, or start a new "
-                    f"--model")
-            die(f"--{key}: {path} holds a run with --{key} {old}, and --{key} {new} is not the "
-                f"same ({why}); pass --overwrite to replace it, or choose another --model")
-        for key, old, new in moved:
-            notice(f"--{key} was {old} in the run of {path}, now {new}: the same content")
-    if not resumed and _RUN.get("replaces"):
-        path, _, _, epoch = _RUN["replaces"][0]
-        notice(f"{path} holds a run with these flags (epoch {epoch}); this run starts it again "
-               f"and replaces its files (--resume_training continues it instead)")
-
-
-def check_trained_encoder(state, fingerprint, name, flag):
-    """save_candidates.py: stop unless the encoder loaded from `name` is the one the retriever
-    checkpoint `state` was trained from (its config and vocabulary; its weights are the
-    checkpoint's). `flag` says where `name` came from."""
-    old = (state.get("inputs") or {}).get("encoder")
-    if old is None:
-        return
-    parts = [k for k in ("config", "vocabulary") if old.get(k) != fingerprint.get(k)]
-    if parts:
-        die(f"{flag}: {name} is not the encoder the checkpoint was trained with (its "
-            f"{' and '.join(parts)} differ); pass --pretrained with that encoder")
-
-
-# ----------------------------------------------------------------------------------------------
-# A tool's own output folder (toy_world.py OUT, demo.py --out DIR): it replaces only what its
-# record says it wrote there.
-
-def claim_outputs(folder, tool, names, overwrite=False, flag="--out"):
-    """Before `tool` writes the entries `names` (files or folders, relative to `folder`): stop
-    with one line naming the first that exists but is not in the tool's record
-    `folder/.<tool>.outputs.json` (a user's file, or another program's), unless `overwrite`; then
-    record them, before writing, so that a tool stopped half-way still owns what it began."""
-    check_output_dir(folder, flag)
-    record = os.path.join(folder, f".{tool}.outputs.json")
-    owned = set()
-    if os.path.isfile(record):
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            with open(record, encoding="utf-8") as f:
-                owned = set(json.load(f).get("outputs", []))
-    if not overwrite:
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.lexists(path) and name not in owned:
-                die(f"{flag}: {path} exists and was not written by {tool}; pass --overwrite to "
-                    f"replace it, or choose another {flag}")
-    write_json({"tool": tool, "outputs": sorted(owned | set(names))}, record)
-
-
-# ----------------------------------------------------------------------------------------------
-# Candidate folders: save_candidates.py writes CANDS_DIR/manifest.json LAST (its producer and each
-# file's size and sha256), after marking the folder incomplete FIRST; the reranker checks it.
-
-MANIFEST = "manifest.json"
-
-
-def file_digest(path):
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def candidates_producer(args, state):
-    """What makes a candidates folder: the checkpoint (path, epoch, size) and the flags of
-    save_candidates.py but those of MAY_DIFFER, paths made absolute."""
-    flags = {k: absolute(v) if k in MAY_MOVE else v
-             for k, v in vars(args).items() if k not in MAY_DIFFER and k != "cands_dir"}
-    return {"script": "save_candidates", "args": flags,
-            "checkpoint": {"epoch": state.get("epoch"), "bytes": os.path.getsize(args.model)}}
-
-
-def _read_manifest(path, flag):
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise ValueError
-        return manifest
-    except (OSError, ValueError):
-        die(f"{flag}: {path} is not a manifest written by save_candidates.py")
-
-
-def check_candidates_overwrite(cands_dir, producer, overwrite):
-    """Stop before any work when `cands_dir` holds candidates of another checkpoint or other flags
-    (or of unknown origin: no manifest), unless --overwrite. Returns whether it holds the
-    complete candidates of this checkpoint and these flags (a rerun, which save_candidates.py
-    says)."""
-    if overwrite or not os.path.isdir(cands_dir):
-        return False
-    path = os.path.join(cands_dir, MANIFEST)
-    if os.path.exists(path):
-        manifest = _read_manifest(path, "--cands_dir")
-        old = manifest.get("producer") or {}
-        for part in ("checkpoint", "args"):
-            theirs, mine = old.get(part) or {}, producer[part]
-            for key in sorted(set(theirs) | set(mine)):
-                if theirs.get(key) != mine.get(key):
-                    what = f"--{key}" if part == "args" else f"the checkpoint's {key}"
-                    die(f"--cands_dir: {cands_dir} holds candidates made with {what} "
-                        f"{theirs.get(key)} (now {mine.get(key)}); pass --overwrite to replace "
-                        f"them, or choose another --cands_dir")
-        return bool(manifest.get("complete"))
-    if any(n.startswith("candidates_") for n in os.listdir(cands_dir)):
-        die(f"--cands_dir: {cands_dir} holds candidates files of unknown origin (no {MANIFEST}); "
-            f"pass --overwrite to replace them, or choose another --cands_dir")
-    return False
-
-
-def begin_candidates(cands_dir, producer):
-    """Mark `cands_dir` incomplete before its first file is replaced."""
-    write_json({"complete": False, "producer": producer, "files": {}},
-               os.path.join(cands_dir, MANIFEST))
-
-
-def finish_candidates(cands_dir, producer, names):
-    """Write the manifest, last: the producer, and the size and sha256 of each file of `names`."""
-    write_json({"complete": True, "producer": producer,
-                "files": {n: file_digest(os.path.join(cands_dir, n)) for n in names}},
-               os.path.join(cands_dir, MANIFEST))
-
-
-def check_candidates_manifest(cands_dir, splits, flag="--cands_dir"):
-    """Stop unless the candidates files of `splits` in `cands_dir` are those its manifest lists
-    (size and sha256); a folder without a manifest (candidates of the original code) is a notice.
-    Returns the files by content, {split: sha256, or None for a missing file, which reading it
-    reports}, for check_inputs: each file is read once."""
-    path = os.path.join(cands_dir, MANIFEST)
-    files = {s: os.path.join(cands_dir, f"candidates_{s}.json") for s in splits}
-    digests = {s: file_digest(f) if os.path.isfile(f) else None for s, f in files.items()}
-    if not os.path.exists(path):
-        notice(f"{cands_dir} has no {MANIFEST} (candidates not written by this save_candidates.py):"
-               f" the files are used unchecked")
-        return {s: d and d["sha256"] for s, d in digests.items()}
-    manifest = _read_manifest(path, flag)
-    if not manifest.get("complete"):
-        die(f"{flag}: {path} says save_candidates.py did not finish writing {cands_dir}; run it "
-            f"again")
-    for split, file in files.items():
-        name = os.path.basename(file)
-        if name not in manifest["files"]:
-            die(f"{flag}: {path} does not list {name}")
-        if digests[split] is None:
-            die(f"{flag}: missing file {file} (listed in {path})")
-        if digests[split] != manifest["files"][name]:
-            die(f"{flag}: {file} is not the file save_candidates.py wrote (its size or sha256 "
-                f"differs from {path}); run save_candidates.py again")
-    return {s: d["sha256"] for s, d in digests.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The run lock and the signals: `start_run` takes both, `end_run` (called by cli_main) gives
-# them back.
-
-_RUN = {}
+_PROCESS = {"writing": 0, "pending": None, "stop_message": None, "locks": {}, "handlers": {}}
 
 
 def _on_signal(signum, frame):
-    if os.getpid() != _RUN.get("pid"):  # a forked data loader worker: the main process stops
-        os._exit(128 + signum)
-    if signal_deferred(signum):  # a file is being written: the stop comes when it is whole
+    if _PROCESS["writing"]:  # a file is being written: the stop comes when it is whole
+        _PROCESS["pending"] = _PROCESS["pending"] or signum
         return
-    for s in (signal.SIGTERM, signal.SIGINT):  # a second signal must not break the cleanup
+    for s in STOP_SIGNALS:  # a second signal must not break the cleanup
         signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
 
 
-def take_lock(path, flag):
-    """Hold `path` (fcntl.flock, pid and host written in it) until `release_lock`; stop with one
-    line naming the other process when another run holds it. The folders it makes are removed
-    again by `release_lock` when the run left them empty (a refused run creates nothing)."""
-    made = make_folders(os.path.dirname(os.path.abspath(path)), flag)
+def ignore_stop_signals(*_):
+    """In a DataLoader worker (its worker_init_fn): the main process alone handles a stop, then
+    ends its workers, so that a signal to the process group is one line, not a worker's crash."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A stop signal waits until the block ends (a write, or the files of an epoch), then stops
+    the run (Stopped)."""
+    _PROCESS["writing"] += 1
+    try:
+        yield
+    finally:
+        _PROCESS["writing"] -= 1
+        if not _PROCESS["writing"] and _PROCESS["pending"]:
+            signum, _PROCESS["pending"] = _PROCESS["pending"], None
+            raise Stopped(signum)
+
+
+def run_children(procs):
+    """Wait for child processes (subprocess.Popen); a stop signal is passed on to them, and this
+    process stops (Stopped) once they have ended, their files whole. Returns their exit codes."""
+    try:
+        return [p.wait() for p in procs]
+    except Stopped as e:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.send_signal(e.signum)
+        for p in procs:
+            p.wait()
+        raise
+
+
+def run_child(argv, **kwargs):
+    return run_children([subprocess.Popen(argv, **kwargs)])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written whole, their digests, and the record of a folder
+
+def output_error(path, error, needed=None):
+    """The UserError of an OSError writing `path`: one line naming the file and the cause (a full
+    disk says how much was needed and how much is free)."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        parts = [f"needed about {needed / 1e6:.1f} MB"] if needed else []
+        with contextlib.suppress(OSError):
+            parts.append(f"{shutil.disk_usage(os.path.dirname(path)).free / 1e6:.1f} MB free")
+        why += f" ({', '.join(parts)})" if parts else ""
+    return UserError(f"cannot write {path}: {why}")
+
+
+class _Hashing(io.RawIOBase):
+    """A binary file that hashes what is written through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def atomic_write(path, write, needed=None):
+    """Write `path` through write(f) (f a binary file) into a temporary file beside it, then
+    rename: it appears whole or not at all. Stop signals wait for the end (deferred_signals); an
+    OSError stops the run with one line naming `path` (`needed`: its bytes, when known). Returns
+    {"sha256", "bytes", "mtime_ns"} of what was written."""
+    folder, name = os.path.split(os.path.abspath(path))
+    with deferred_signals():
+        tmp = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the usual rights
+            with os.fdopen(fd, "wb") as f:
+                hashing = _Hashing(f)
+                write(hashing)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            return {"sha256": hashing.sha.hexdigest(), "bytes": hashing.size,
+                    "mtime_ns": os.stat(path).st_mtime_ns}
+        except BaseException as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            cause = e
+            while cause is not None and not isinstance(cause, OSError):  # torch.save wraps it
+                cause = cause.__cause__ or cause.__context__
+            if cause is None or not isinstance(e, Exception):
+                raise
+            raise output_error(path, cause, needed) from None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_record(folder):
+    """The record of `folder` ({"files": {name: entry}, "runs": {key: description}}); empty when
+    there is none or it is not readable (its files then count as nobody's)."""
+    try:
+        with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+        if isinstance(record.get("files"), dict) and isinstance(record.get("runs"), dict):
+            return record
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"files": {}, "runs": {}}
+
+
+@contextlib.contextmanager
+def _folder_locked(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: one writer assumed
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def record_file(path, written, tool, description=None, role=None):
+    """Add `path` (written: atomic_write's result) to its folder's record, as written by `tool`
+    for the run `description`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    key = run_key(description) if description is not None else None
+    with _folder_locked(folder):
+        record = read_record(folder)
+        record["files"][name] = {**written, "tool": tool, "role": role, "run": key}
+        if key is not None:
+            record["runs"][key] = description
+        used = {e.get("run") for e in record["files"].values()}
+        record["runs"] = {k: v for k, v in record["runs"].items() if k in used}
+        text = json.dumps(record, indent=1, sort_keys=True).encode()
+        atomic_write(os.path.join(folder, RECORD), lambda f: f.write(text))
+
+
+def run_key(description):
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded(path, sha256=None):
+    """(entry, run description) of `path` in its folder's record when this project wrote it and
+    it is unchanged since (its size and modification time, else its digest, or `sha256` when
+    the caller hashed what it read, as recorded); else None."""
+    folder, name = os.path.split(os.path.abspath(path))
+    record = read_record(folder)
+    entry = record["files"].get(name)
+    if entry is None or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    same = (sha256 == entry.get("sha256") if sha256 else
+            (stat.st_size, stat.st_mtime_ns) == (entry.get("bytes"), entry.get("mtime_ns"))
+            or file_sha256(path) == entry.get("sha256"))
+    return (entry, record["runs"].get(entry.get("run"))) if same else None
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's outputs: checked before any work, written whole, recorded
+
+def _check_writable(path, flag):
+    """Stop unless `path` can be written as a file: not a folder, its folder one that exists
+    and is writable or can be made, and its temporary name within the file system's limit."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        die(f"{flag}: {path} is a folder; give the path of a file in it, e.g. "
+            f"{os.path.join(path, 'model.pt')}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        die(f"{flag}: cannot make the folder of {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        die(f"{flag}: cannot write {path}: the folder {existing} is not writable")
+    longest = len(f".{os.path.basename(path)}.12345678.tmp".encode())
+    with contextlib.suppress(OSError, ValueError):
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        check_flag(longest <= limit, flag, f"the name {os.path.basename(path)!r} is too long for "
+                   f"its file system ({longest} of at most {limit} bytes with the temporary "
+                   f"suffix); choose a shorter name")
+
+
+def check_output_dir(path, flag):
+    """Stop unless `path` is a writable folder or one that can be made."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{flag}: {path} is a file, not a folder")
+    _check_writable(os.path.join(path, "x"), flag)
+
+
+class Outputs:
+    """The files one run of `tool` writes. `add` names each (checked writable at once); `start`
+    makes the folders, takes the run's `lock` and clears the temporary files a killed run left;
+    `claim(description)` stops unless every file that exists is this project's, unchanged, and
+    of a run described alike (a rerun), or `resume` continues it; `write` writes and records."""
+
+    def __init__(self, tool, overwrite=False, lock=None, flag="--model", resumable=False):
+        self.tool, self.overwrite, self.lock, self.flag = tool, overwrite, lock, flag
+        self.resumable = resumable
+        self.files, self.made, self.description = {}, [], None
+
+    def add(self, path, flag=None, role=None):
+        flag = flag or self.flag
+        _check_writable(path, flag)
+        self.files[os.path.abspath(path)] = (flag, role)
+        return path
+
+    def start(self):
+        folders = {os.path.dirname(p) for p in list(self.files) + [self.lock or ""] if p}
+        for folder in sorted(folders):
+            missing = folder
+            while not os.path.isdir(missing):
+                self.made.insert(0, missing)
+                missing = os.path.dirname(missing)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise output_error(folder, e) from None
+        if self.lock and os.environ.get("RANK", "0") == "0":
+            take_lock(self.lock, self.flag, self.made)
+            for path in self.files:  # a dead run's temporary files (we hold the lock)
+                for tmp in glob.glob(glob.escape(os.path.join(os.path.dirname(path),
+                                                              f".{os.path.basename(path)}."))
+                                     + "*.tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        return self
+
+    def claim(self, description, resume=None, defaults=None, read=None):
+        """Stop (naming the flag and what differs) unless each existing output is this
+        project's file, unchanged since written, in the same role, of a run with
+        `description`; `resume`: the path read to continue, whose run must have it (but the
+        parts compare_runs lets a resumed run change). `read`: {path: sha256} of outputs the
+        caller read (resume). Returns the description of the run found (a rerun or resumed
+        run), or None."""
+        found = None
+        for path, (flag, role) in self.files.items():
+            if not os.path.lexists(path) or self.overwrite:
+                continue
+            got = recorded(path, (read or {}).get(path))
+            if got is None or got[0].get("role") != role or got[0].get("tool") != self.tool:
+                what = ("was not written by this project" if got is None else
+                        f"is a file of another run ({got[0].get('tool')}, "
+                        f"{got[0].get('role') or 'output'})")
+                if got is None and recorded_anywhere(path):
+                    what = "changed since it was written"
+                die(f"{flag}: {path} {what}; pass --overwrite to replace it, or choose another "
+                    f"{flag}")
+            refuse(*compare_runs(got[1] or {}, description, defaults or {}, resume is not None),
+                   path, flag, resume is not None, self.resumable)
+            found = got[1]
+        if resume is not None and found is None and not self.overwrite:
+            die(f"--resume_training: {resume} is not a run's state this project wrote (or it "
+                f"changed since); pass --overwrite with --resume_training to continue it anyway")
+        self.description = found if resume is not None and found is not None else description
+        return found
+
+    def write(self, path, write, needed=None, role=None):
+        """Write `path` (one of the outputs) through write(f), whole, and record it (a stop
+        signal waits for both)."""
+        role = self.files.get(os.path.abspath(path), (None, role))[1]
+        with deferred_signals():
+            written = atomic_write(path, write, needed)
+            record_file(path, written, self.tool, self.description, role)
+        return written
+
+    def write_json(self, obj, path):
+        text = (json.dumps(obj, indent=2) + "\n").encode()
+        return self.write(path, lambda f: f.write(text))
+
+    def write_lines(self, rows, path):
+        return self.write(path, lambda f: [f.write((json.dumps(r) + "\n").encode())
+                                           for r in rows])
+
+    def save(self, state, path):
+        """A checkpoint: a plain dict, loadable with torch.load(weights_only=True)."""
+        needed = sum(t.nbytes for t in _tensors(state)) or None
+        return self.write(path, lambda f: torch.save(state, f), needed)
+
+
+def refuse(differ, moved, path, flag="--model", resume=False, resumable=False):
+    """Stop with one line on the first difference of compare_runs between the run at `path`
+    and this one (`resume`: the run continued); a path moved with the same content is a
+    notice."""
+    for name, old, new, why in differ:
+        verb = "was trained with" if resume else "holds a run with"
+        advice = ("resume with what it was trained on, or start a new --model" if resume else
+                  "pass --overwrite to replace it, " + ("--resume_training to continue it, "
+                                                       if resumable else "")
+                  + f"or choose another {flag}")
+        now = (f" (now {new})" if why is None else f", which holds other content now ({why})"
+               if old == new else f", and --{name} {new} is not the same ({why})")
+        die(f"--{name}: {path} {verb} --{name} {old}{now}; {advice}")
+    for name, old, new in moved:
+        notice(f"--{name} was {old} in the run of {path}, now {new}: the same content")
+
+
+def recorded_anywhere(path):
+    folder, name = os.path.split(os.path.abspath(path))
+    return name in read_record(folder)["files"]
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            yield from _tensors(v)
+
+
+def compare_runs(old, new, defaults, resume=False):
+    """What differs between two runs of one tool ({"tool", "flags", "inputs"}): ([(flag, old,
+    new, why)], [(flag, old path, new path)] of inputs moved with the same content). A flag a
+    description lacks counts as its default; an input is compared by content (only the parts
+    both record: a resumed run reads no initial weights), by path when one has no content."""
+    differ, moved = [], []
+    flags_old, flags_new = old.get("flags", {}), new.get("flags", {})
+    for k in sorted(set(flags_old) | set(flags_new)):
+        a, b = flags_old.get(k, defaults.get(k)), flags_new.get(k, defaults.get(k))
+        if a != b:
+            differ.append((k, a, b, None))
+    for k, now in sorted(new.get("inputs", {}).items()):
+        was = old.get("inputs", {}).get(k) or {"path": (old.get("paths") or {}).get(k)}
+        a, b = was.get("content"), now.get("content")
+        if a is None or b is None:
+            if was.get("path") != now.get("path"):
+                differ.append((k, was.get("path"), now.get("path"),
+                               "it does not record what that held"))
+            continue
+        parts = sorted(p for p in set(a) & set(b) if a[p] != b[p])
+        if parts:
+            differ.append((k, was.get("path"), now.get("path"),
+                           f"what it holds differs: {', '.join(parts)}"))
+        elif was.get("path") != now.get("path"):
+            moved.append((k, was.get("path"), now.get("path")))
+    return differ, moved
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs read once
+
+def read_hashed(path, flag):
+    """The bytes of `path` and their sha256: one read, so what is hashed is what is used."""
+    if not os.path.isfile(path):
+        die(f"{flag}: no file {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        die(f"{flag}: cannot read {path} ({e.strerror})")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path, flag="--model", script=None, keys=()):
+    """(state, sha256) of a checkpoint read once; stop with one line naming `flag` when it is
+    missing, unreadable, of another script than `script`, or lacks one of `keys`."""
+    data, sha = read_hashed(path, flag)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        die(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})")
+    writer = state.get("script") if isinstance(state, dict) else None
+    if script is not None and writer != script:
+        die(f"{flag}: {path} was written by {writer + '.py' if writer else 'another program'}, "
+            f"not by {script}.py")
+    missing = [k for k in keys if k not in state]
+    what = "training state" if "optimizer" in keys else "checkpoint"
+    check_flag(not missing, flag, f"{path} is not a whole {what} of {script}.py (no {missing[0]!r})"
+               if missing else "")
+    return state, sha
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's lock, and main()
+
+def take_lock(path, flag, made=()):
+    """Hold `path` (fcntl.flock, pid and host written in it) until the run ends; stop with one
+    line naming the holder when another run holds it. A lock a killed run left is taken over."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            remove_empty_folders(made)
             raise output_error(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if not isinstance(e, BlockingIOError):  # a file system without locks
-                notice(f"{path}: cannot lock ({e.strerror}); running without the lock")
-                break
+        except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            remove_empty_folders(made)
+            _remove_empty(made)
             die(f"{flag}: another run is writing there ({holder} holds {path}); wait for it to "
                 f"end, or choose another {flag}")
-        try:  # the previous holder may have removed the file between our open and flock
+        except OSError as e:  # a file system without locks
+            notice(f"{path}: cannot lock ({e.strerror}); running without the lock")
+        try:  # the holder before us may have removed the file between our open and flock
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
             same = False
@@ -460,118 +475,75 @@ def take_lock(path, flag):
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    _MADE[path] = made
-    return fd
+    _PROCESS["locks"][path] = (fd, list(made))
 
 
-_MADE = {}  # lock path -> the folders take_lock made for it, deepest first
-
-
-def make_folders(folder, flag):
-    """Make `folder` and its missing parents; returns those made, deepest first."""
-    made, f = [], os.path.abspath(folder)
-    while not os.path.exists(f):
-        made.append(f)
-        f = os.path.dirname(f)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise output_error(folder, e) from None
-    return made
-
-
-def remove_empty_folders(folders):
-    for f in folders:
+def _remove_empty(folders):
+    for f in reversed(list(folders)):
         with contextlib.suppress(OSError):
             os.rmdir(f)  # only when empty
 
 
-def release_lock(path, fd):
-    with contextlib.suppress(OSError):
-        os.unlink(path)  # while still held: a waiting run then locks a fresh file
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    remove_empty_folders(_MADE.pop(path, []))
-
-
-def start_run(lock, flag, last=None, folder=None, best=None):
-    """Before any work: take the run's lock file `lock` (main process only; `flag` names the
-    output in the error when another run holds it) and turn SIGTERM and SIGINT into a clean stop
-    whose message says where the last complete state is: the training state `last` (and the
-    best checkpoint `best`), or the candidate folder `folder`."""
-    end_run()  # a previous run in this process (tests call main() several times)
-    _RUN.clear()
-    _RUN.update(pid=os.getpid(), last=last, flag=flag, dir=folder, best=best)
-    if os.environ.get("RANK", "0") == "0":
-        _RUN["lock"] = (lock, take_lock(lock, flag))
-    with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
-        _RUN["handlers"] = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM,
-                                                                       signal.SIGINT)}
-
-
-def end_run():
-    """Release the lock and give the signals back their handlers (idempotent)."""
-    if "lock" in _RUN:
-        release_lock(*_RUN.pop("lock"))
-    for s, handler in _RUN.pop("handlers", {}).items():
+def _end():
+    for path, (fd, made) in _PROCESS["locks"].items():
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a waiting run then locks a fresh file
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _remove_empty(made)
+    _PROCESS["locks"].clear()
+    for s, handler in _PROCESS["handlers"].items():
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(s, handler)
+    _PROCESS["handlers"].clear()
 
 
-def stop_message(name):
-    """The one line of a run stopped by signal `name`: where its last complete state is."""
-    last, folder = _RUN.get("last"), _RUN.get("dir")
-    if last is None and folder:
-        try:
-            with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-                complete = json.load(f).get("complete")
-        except (OSError, ValueError, AttributeError):
-            complete = None
-        if complete is False:
-            return (f"stopped by {name}; the candidates in {folder} are incomplete: run "
-                    f"save_candidates.py again")
-        return f"stopped by {name} before it changed the candidates in {folder}"
-    if last is None:
-        return f"stopped by {name}"
-    if os.path.isfile(last):
-        with contextlib.suppress(BaseException):
-            epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-            return (f"stopped by {name} after epoch {epoch}; continue with --resume_training "
-                    f"(the state of epoch {epoch} is in {last})")
-    best = _RUN.get("best")
-    if best and os.path.isfile(best):
-        return (f"stopped by {name} before a training state was saved: {best} holds a model "
-                f"but there is no {last} to resume from; run again to train it")
-    return f"stopped by {name} before the first epoch ended; nothing was saved"
+def on_stop(message):
+    """message(signal name) -> the one line a run stopped by a signal ends with (what it saved)."""
+    _PROCESS["stop_message"] = message
 
 
-def stopped(e):
-    """End a run stopped by SIGTERM or SIGINT (`e`: Stopped or KeyboardInterrupt): one line on
-    stderr (main process), exit status 128 + the signal's number, as a shell reports it."""
-    signum = getattr(e, "signum", signal.SIGINT)
-    if os.environ.get("RANK", "0") == "0":
-        print(stop_message(signal.Signals(signum).name), file=sys.stderr, flush=True)
-        log_to_file(stop_message(signal.Signals(signum).name))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        end_run()
-        os._exit(128 + signum)
-    sys.exit(128 + signum)
+def notice(message):
+    """One line `notice: ...` in the run's log (stdout and its file), or on stderr before it."""
+    from utils import log_line
+    log_line(f"notice: {message}")
 
 
-def cli_main(fn):
-    """Decorate a script's main(): a UserError ends the run with one line on stderr and status 2."""
+def _say(line):
+    """The last line of a run, on stderr and in its log; a closed terminal (SIGHUP) is no error."""
+    from utils import log_to_file
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+    log_to_file(line)
+
+
+def main(fn):
+    """Decorate a script's main(): stop signals become a clean stop (Stopped) that ends in one
+    line and exit status 128 + the signal; a UserError ends in one line `error: ...` and exit
+    status 2; the lock is released and the handlers given back however it ends."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _end()  # a previous run in this process (tests call main() several times)
+        _PROCESS.update(writing=0, pending=None, stop_message=None)
+        with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
+            _PROCESS["handlers"] = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            log_to_file(f"error: {e}")
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                os._exit(2)  # the other ranks may be waiting in a collective
-            sys.exit(2)
-        except (Stopped, KeyboardInterrupt) as e:  # Run safety: SIGTERM / SIGINT, a clean stop
-            stopped(e)
+            if os.environ.get("RANK", "0") == "0":
+                _say(f"error: {e}")
+            code = 2
+        except (Stopped, KeyboardInterrupt) as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            if os.environ.get("RANK", "0") == "0":
+                message = _PROCESS["stop_message"]
+                _say(message(name) if message else f"stopped by {name}")
+            code = 128 + signum
         finally:
-            end_run()  # Run safety: the lock and the signal handlers
+            _end()
+        if distributed():
+            os._exit(code)  # the other ranks may be waiting in a collective
+        sys.exit(code)
     return wrapper

@@ -16,18 +16,19 @@ for the original's command line and do nothing: entity vectors are streamed, nev
 The log is `CANDS_DIR/save_candidates.log` (`.log.1`, ... beside an earlier one), created once
 every check passed. The encoder (`--pretrained`, by default the absolute path the checkpoint
 records) must be the one the retriever was trained from: its config and vocabulary are checked.
+The folder's record (run_safety) holds each file's digest and what made it: the checkpoint (by
+the digest of its bytes), the data (by content) and the flags; the reranker checks it.
 """
 import os
 
-from data_loader import PRETRAINED, Zeshel, check_encoder, pretrained_name
+from cli import (ArgumentParser, add_compatibility_args, add_data_arg, add_precision_args,
+                 check_flag, check_positive, die, notices)
+from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
 from retriever import (TYPE_MODELS, add_scorer_args, check_same_model, check_worlds_hold,
                        encode_retriever_split, load_retriever, rank_split, recall_ks, recall_table)
-from run_safety import (begin_candidates, candidates_producer, check_candidates_overwrite,
-                        check_finite_flags, check_output_dir, check_trained_encoder, cli_main,
-                        finish_candidates, load_run_checkpoint, load_weights, start_run)
-from utils import (ArgumentParser, StageClock, add_compatibility_args, add_data_arg,
-                   add_precision_args, amp_dtype, check_flag, check_positive, get_logger, log_args,
-                   open_log_file, with_runtime, write_json, write_jsonl)
+from run_safety import Outputs, load_checkpoint, main as cli_main, notice, on_stop
+from training import absolute, load_weights
+from utils import StageClock, amp_dtype, get_logger, open_log_file, with_runtime
 
 SPLITS = ("train", "val", "test")
 # Read from the checkpoint when not given
@@ -35,47 +36,72 @@ SHAPE_FLAGS = ("pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
                "mention_use_codes", "entity_use_codes", "max_len")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The flags; `free=True`: may differ in a rerun over the same folder, `path=True`: an input
+    compared by content (cli.py)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="retriever checkpoint of main_retriever.py (required)")
+    p.add_argument("--model", path=True,
+                   help="retriever checkpoint of main_retriever.py (required)")
     add_data_arg(p, "--data_dir")
-    p.add_argument("--cands_dir",
-                   help="folder for candidates_<split>.json, recall.json, manifest.json and the "
-                        "log save_candidates.log (required)")
+    p.add_argument("--cands_dir", free=True,
+                   help="folder for candidates_<split>.json, recall.json and the log "
+                        "save_candidates.log (required)")
     p.add_argument("--num_cands", type=int, default=64, help="candidates per mention")
     p.add_argument("--pre_model", default=None, choices=list(PRETRAINED["--pre_model"]),
-                   help="default: the checkpoint's")
+                   path=True, help="default: the checkpoint's")
     add_scorer_args(p, default=None, vecs=None, note="default: the checkpoint's")
     p.add_argument("--max_len", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
-    p.add_argument("--mention_bsz", type=int, default=512, help="mentions per encoder batch")
-    p.add_argument("--gpus", default="", help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--pretrained", default=None,
+    p.add_argument("--entity_bsz", type=int, default=512, free=True,
+                   help="entities per streamed chunk")
+    p.add_argument("--mention_bsz", type=int, default=512, free=True,
+                   help="mentions per encoder batch")
+    p.add_argument("--gpus", default="", free=True,
+                   help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--pretrained", default=None, path=True,
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
     add_precision_args(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", free=True, help="no progress bars")
     add_compatibility_args(p, "store_en_hiddens", "en_hidden_path", "seed", "num_workers")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace candidates of another checkpoint or other flags in --cands_dir")
-    return p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", free=True,
+                   help="replace files in --cands_dir that another run (or no run of this "
+                        "project) wrote")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def resolve_shape(args, trained):
     """Fill the shape flags left unset from the checkpoint's arguments `trained`; stop when a flag
     that was given would build another model than the checkpoint holds."""
     for flag in SHAPE_FLAGS:
-        if getattr(args, flag) is None:
+        given = getattr(args, flag)
+        if given is None:
             setattr(args, flag, trained.get(flag, False if flag.endswith("codes") else None))
+        elif flag in ("pre_model", "max_len") and trained.get(flag) not in (None, given):
+            die(f"--{flag}: {args.model} was trained with --{flag} {trained[flag]}, not {given}")
     check_flag(args.type_model in TYPE_MODELS, "--model", f"{args.model} holds a --type_model "
                f"{args.type_model} model, not a retriever ({', '.join(TYPE_MODELS)})")
-    check_flag(args.pre_model == trained.get("pre_model", args.pre_model), "--pre_model",
-               f"{args.model} was trained with --pre_model {trained.get('pre_model')}, "
-               f"not {args.pre_model}")
     check_same_model(args, trained, args.model)
     if args.pretrained is None:
-        args.pretrained = trained.get("pretrained")
+        args.pretrained = trained.get("pretrained") or pretrained_name("--pre_model",
+                                                                       args.pre_model)
         return f"--pretrained (from the checkpoint {args.model})"
     return "--pretrained"
+
+
+def check_trained_encoder(state, fingerprint, name, flag):
+    """Stop unless the encoder loaded from `name` is the one the retriever checkpoint `state` was
+    trained from (its config and vocabulary; its weights are the checkpoint's). `flag` says where
+    `name` came from."""
+    old = (state.get("inputs") or {}).get("pretrained")
+    if old is None:
+        return
+    parts = [k for k in ("config", "vocabulary") if old.get(k) != fingerprint.get(k)]
+    if parts:
+        die(f"{flag}: {name} is not the encoder the checkpoint was trained with (its "
+            f"{' and '.join(parts)} differ); pass --pretrained with that encoder")
 
 
 def format_table(recalls, ks):
@@ -93,49 +119,58 @@ def format_table(recalls, ks):
 
 @cli_main
 def main(argv=None):
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     check_flag(args.model, "--model", "a checkpoint path is required")
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
-    check_finite_flags(args)  # run safety: flags, --cands_dir writable, its lock, signals
-    check_output_dir(args.cands_dir, "--cands_dir")
-    start_run(os.path.join(args.cands_dir, "candidates.lock"), "--cands_dir",
-              folder=args.cands_dir)
-    state = load_run_checkpoint(args.model, "main_retriever")
-    pretrained_flag = resolve_shape(args, state["args"])
-    check_encoder(pretrained_name("--pre_model", args.pre_model, args.pretrained), pretrained_flag,
-                  loadable=False)
-    producer = candidates_producer(args, state)  # Run safety: refuse another run's candidates
-    rerun = check_candidates_overwrite(args.cands_dir, producer, args.overwrite)
-    with_runtime(args, lambda args, rt: save_candidates(args, rt, state, producer,
-                                                        pretrained_flag, rerun))
+    outputs = Outputs("save_candidates", args.overwrite,
+                      lock=os.path.join(args.cands_dir, "candidates.lock"), flag="--cands_dir")
+    for name in [f"candidates_{s}.json" for s in SPLITS] + ["recall.json"]:
+        outputs.add(os.path.join(args.cands_dir, name))
+    outputs.start()  # the folder and its lock
+    with_runtime(args, lambda args, rt: save_candidates(args, rt, parser, outputs))
 
 
-def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained", rerun=False):
+def save_candidates(args, rt, parser, outputs):
     log = get_logger(os.path.join(args.cands_dir, "save_candidates"), rt.is_main, deferred=True)
-    log_args(args, log)
+    log.info("args: %s", " ".join(f"--{k} {v}" for k, v in parser.recorded(args).items()))
+    written = []
+    on_stop(lambda name: f"stopped by {name} " + (
+        f"with the candidates in {args.cands_dir} incomplete ({', '.join(written)} written): run "
+        f"save_candidates.py again" if written else
+        f"before it changed the candidates in {args.cands_dir}"))
     clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     quiet = args.quiet or not rt.is_main
+    state, sha = load_checkpoint(args.model, "--model", "main_retriever", ("args", "model"))
+    pretrained_flag = resolve_shape(args, state["args"])
+    for line in notices(args, parser):
+        log.info("notice: %s", line)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
+    check_encoder(args.pretrained, pretrained_flag, loadable=False)
     zeshel = Zeshel(args.data_dir, SPLITS)
     check_worlds_hold(zeshel, SPLITS, args.num_cands, "--num_cands")
     clock.lap("loading and checking")
-    name = pretrained_name("--pre_model", args.pre_model, args.pretrained)
-    tokenizer, model = load_retriever(name, args.type_model, args.num_mention_vecs,
+    tokenizer, model = load_retriever(args.pretrained, args.type_model, args.num_mention_vecs,
                                       args.num_entity_vecs, args.mention_use_codes,
                                       args.entity_use_codes, flag=pretrained_flag)
-    check_trained_encoder(state, model.mention_encoder.fingerprint, name, pretrained_flag)
+    fingerprint = model.mention_encoder.fingerprint
+    check_trained_encoder(state, fingerprint, args.pretrained, pretrained_flag)
     load_weights(model, state["model"], args.model, "--model")
-    open_log_file(log)  # Run safety: every check passed
-    if rerun:
-        log.info("notice: %s holds the candidates of this checkpoint and these flags already; "
-                 "writing them again", args.cands_dir)
+    check_positions(model.mention_encoder, args.max_len, "--max_len")
+    description = {"tool": "save_candidates", "flags": parser.defining(args), "inputs": {
+        "model": {"path": absolute(args.model), "content": {"sha256": sha}},
+        "data_dir": {"path": absolute(args.data_dir), "content": zeshel.fingerprint()},
+        "pretrained": {"path": absolute(args.pretrained),
+                       "content": {k: fingerprint[k] for k in ("config", "vocabulary")}}}}
+    if outputs.claim(description, defaults={a.dest: a.default for a in parser._actions}):
+        notice(f"{args.cands_dir} holds the candidates of this checkpoint and these flags "
+               f"already; writing them again")
+    open_log_file(log)  # every check passed
     model.to(device)
     clock.lap("model")
     ks, recalls = recall_ks(args.num_cands), {}
-    if rt.is_main:
-        begin_candidates(args.cands_dir, producer)  # Run safety: incomplete until the manifest
     for split in SPLITS:
         data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
                                       pin=device.type == "cuda", rt=rt)
@@ -148,16 +183,16 @@ def save_candidates(args, rt, state, producer, pretrained_flag="--pretrained", r
                                       data.entities.worlds, ks)
         if rt.is_main:
             doc_ids = data.entities.doc_ids
-            write_jsonl(({"mention_id": m["mention_id"], "candidates": [doc_ids[i] for i in row]}
-                         for m, row in zip(zeshel.mentions[split], ranked.tolist())),
-                        os.path.join(args.cands_dir, f"candidates_{split}.json"))
+            outputs.write_lines(({"mention_id": m["mention_id"],
+                                  "candidates": [doc_ids[i] for i in row]}
+                                 for m, row in zip(zeshel.mentions[split], ranked.tolist())),
+                                os.path.join(args.cands_dir, f"candidates_{split}.json"))
+            written.append(split)
         log.info("%s: %d mentions, recall@%d micro %.2f", split, len(data.golds), ks[-1],
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
         clock.lap(f"writing candidates, {split}")
     if rt.is_main:
-        write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
-        finish_candidates(args.cands_dir, producer, [f"candidates_{s}.json" for s in SPLITS]
-                          + ["recall.json"])  # Run safety: the manifest, last
+        outputs.write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
 

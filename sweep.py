@@ -27,8 +27,8 @@ import subprocess
 import sys
 
 from recipe import CANDIDATES, HARD_SHARES, RERANKER, RETRIEVER, SCORERS, merge, split_flags
-from run_safety import cli_main
-from utils import ArgumentParser, check_flag, die, write_json
+from cli import ArgumentParser, check_flag, die
+from run_safety import atomic_write, main as cli_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -200,7 +200,8 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {run.name}{' (resumed)' if resume else ''}\n"
               f"$ {shown(run, args.nproc_per_node, resume)}", flush=True)
         record[run.name] = run.args
-        write_json(record, record_path)
+        text = json.dumps(record, indent=2).encode()
+        atomic_write(record_path, lambda f: f.write(text))
         argv = command(run, args.nproc_per_node) + (["--resume_training"] if resume else [])
         code = subprocess.run(argv, env=env).returncode
         if code != 0:

@@ -76,29 +76,59 @@ def make_world(rng, world, names, topics, n_entities=72, n_shared=24, topic_size
     return documents, mentions
 
 
-# What the toy world writes in its folder; it replaces nothing else (run_safety.claim_outputs).
-OUTPUTS = ("data", "bert")
+SPLITS = ("train", "heldout_train_seen", "heldout_train_unseen", "val", "test")
+# The tiny BERT's files: its tokenizer's and those save_pretrained writes
+BERT_FILES = ("vocab.txt", "tokenizer_config.json", "config.json", "model.safetensors")
 
 
-def write_worlds(data_dir, split_worlds, make):
+def world_outputs(out_dir, worlds, overwrite=False):
+    """The files a world writes in `out_dir`: data/documents/<world>.json for `worlds`,
+    data/mentions/<split>.json, bert/...; checked before any work (run_safety.Outputs): a file
+    there that toy_world.py did not write stops it in one line, unless `overwrite`."""
+    from run_safety import Outputs
+    outputs = Outputs("toy_world", overwrite, flag="OUT_DIR")
+    for world in worlds:
+        outputs.add(os.path.join(out_dir, "data", "documents", f"{world}.json"))
+    for split in SPLITS:
+        outputs.add(os.path.join(out_dir, "data", "mentions", f"{split}.json"))
+    for name in BERT_FILES:
+        outputs.add(os.path.join(out_dir, "bert", name))
+    outputs.start().claim({"tool": "toy_world"})
+    return outputs
+
+
+class Text:
+    """A binary file written as text (UTF-8)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        self.f.write(text.encode("utf-8"))
+
+
+def lines(rows):
+    """JSON lines of `rows`, as bytes."""
+    return b"".join((json.dumps(r) + "\n").encode() for r in rows)
+
+
+def write_worlds(outputs, data_dir, split_worlds, make):
     """Write `data_dir` in the Zeshel layout: for each split's worlds (in order), `make(world)`
     gives (documents, mentions); the two heldout splits are every tenth train mention."""
-    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
-    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
     split_mentions = {}
     for split, worlds in split_worlds.items():
         split_mentions[split] = []
         for world in worlds:
             docs, ms = make(world)
-            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
-                f.writelines(json.dumps(d) + "\n" for d in docs)
+            outputs.write(os.path.join(data_dir, "documents", f"{world}.json"),
+                          lambda f: f.write(lines(docs)))
             split_mentions[split] += ms
     train = split_mentions["train"]
     split_mentions["heldout_train_seen"] = train[::10]
     split_mentions["heldout_train_unseen"] = train[5::10]
     for split, ms in split_mentions.items():
-        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in ms)
+        outputs.write(os.path.join(data_dir, "mentions", f"{split}.json"),
+                      lambda f: f.write(lines(ms)))
 
 
 def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, overwrite=False):
@@ -106,15 +136,15 @@ def make_toy_world(out_dir, seed=0, hidden=64, layers=2, heads=2, shared=24, ove
     `shared`: names that two entities of a world share (at most 36 of its 72 entities' names).
     An existing `data` or `bert` that an earlier toy world did not write stops it with one line
     (UserError), unless `overwrite`."""
-    from run_safety import claim_outputs
-    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
+    outputs = world_outputs(out_dir, [w for ws in WORLDS.values() for w in ws], overwrite)
     rng = random.Random(seed)
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 900, 2) if w not in names]
     data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    write_worlds(data_dir, WORLDS, lambda world: make_world(rng, world, names, topics,
-                                                            n_shared=shared))
-    write_tiny_bert(bert_dir, SPECIAL + FILLER + names + topics, seed, hidden, layers, heads)
+    write_worlds(outputs, data_dir, WORLDS, lambda world: make_world(rng, world, names, topics,
+                                                                     n_shared=shared))
+    write_tiny_bert(bert_dir, SPECIAL + FILLER + names + topics, seed, hidden, layers, heads,
+                    outputs)
     return data_dir, bert_dir
 
 
@@ -183,37 +213,48 @@ def make_demo_world(out_dir, seed=0, families=32, siblings=4, refs=3, hidden=64,
     """
     if siblings < 3:
         raise ValueError("siblings: at least 3 (a mention names the kinds of two siblings)")
-    from run_safety import claim_outputs
-    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
+    outputs = world_outputs(out_dir, [w for ws in DEMO_WORLDS.values() for w in ws], overwrite)
     rng = random.Random(seed)
     names = pseudo_words(rng, 400, 3)
     topics = [w for w in pseudo_words(rng, 1200, 2) if w not in names]
     data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    write_worlds(data_dir, DEMO_WORLDS, lambda world: make_demo_family_world(
+    write_worlds(outputs, data_dir, DEMO_WORLDS, lambda world: make_demo_family_world(
         rng, world, names, topics, families, siblings, refs))
     write_tiny_bert(bert_dir, SPECIAL + FILLER + KINDS + names + topics, seed, hidden, layers,
-                    heads)
+                    heads, outputs)
     return data_dir, bert_dir
 
 
-def write_tiny_bert(bert_dir, vocab, seed=0, hidden=64, layers=2, heads=2):
+def write_tiny_bert(bert_dir, vocab, seed=0, hidden=64, layers=2, heads=2, outputs=None):
     """A BERT with random weights from a config and a word-level vocabulary `vocab` (the
-    special tokens first), saved with its tokenizer files in `bert_dir`."""
+    special tokens first), saved with its tokenizer files in `bert_dir` (BERT_FILES, through
+    `outputs`, run_safety.Outputs, when given)."""
+    import tempfile
     import torch
     from transformers import BertConfig, BertModel
     from utils import quiet_transformers
     quiet_transformers()
-    os.makedirs(bert_dir, exist_ok=True)
-    with open(os.path.join(bert_dir, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    with open(os.path.join(bert_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-                   "model_max_length": 512}, f)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden,
                         max_position_embeddings=512)
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(bert_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        BertModel(config).save_pretrained(tmp)
+        with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                       "model_max_length": 512}, f)
+        assert sorted(os.listdir(tmp)) == sorted(BERT_FILES), os.listdir(tmp)
+        os.makedirs(bert_dir, exist_ok=True)
+        for name in BERT_FILES:
+            with open(os.path.join(tmp, name), "rb") as f:
+                data = f.read()
+            if outputs is None:
+                with open(os.path.join(bert_dir, name), "wb") as f:
+                    f.write(data)
+            else:
+                outputs.write(os.path.join(bert_dir, name), lambda f: f.write(data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,10 +354,9 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2, over
     word-level vocabulary holds every word; returns both paths and the counts written. As
     make_toy_world, it replaces only what it wrote before, unless `overwrite`."""
     import numpy as np
-    from run_safety import claim_outputs
     if not 0 < scale <= 1:
         raise ValueError(f"--zeshel_scale {scale} is not in (0, 1]")
-    claim_outputs(out_dir, "toy_world", OUTPUTS, overwrite, flag="OUT_DIR")
+    outputs = world_outputs(out_dir, [w for ws in ZESHEL_WORLDS.values() for w in ws], overwrite)
     rng = np.random.default_rng(seed)
     pseudo = pseudo_words(random.Random(seed), VOCAB_SIZE - len(FILLER), 3)
     random.Random(seed).shuffle(pseudo)  # frequency rank unrelated to spelling
@@ -326,8 +366,6 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2, over
     zipf_cdf = np.cumsum(zipf / zipf.sum())
     zipf_cdf[-1] = 1.0
     data_dir, bert_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    os.makedirs(os.path.join(data_dir, "documents"), exist_ok=True)
-    os.makedirs(os.path.join(data_dir, "mentions"), exist_ok=True)
     total_train = sum(m for _, m in ZESHEL_WORLDS["train"].values())
     split_mentions, counts, first_id = {}, {}, 0
     for split, worlds in ZESHEL_WORLDS.items():
@@ -336,9 +374,10 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2, over
             E, M = scaled_count(n_ent, scale), scaled_count(n_men, scale)
             extra = [scaled_count(HELDOUT * n_men / total_train, scale)
                      for _ in range(2)] if split == "train" else [0, 0]
-            with open(os.path.join(data_dir, "documents", f"{world}.json"), "w") as f:
-                ms = make_scaled_world(rng, world, E, M + sum(extra), words, zipf_cdf,
-                                       first_id, f)
+            ms = []
+            outputs.write(os.path.join(data_dir, "documents", f"{world}.json"), lambda f: ms.extend(
+                make_scaled_world(rng, world, E, M + sum(extra), words, zipf_cdf, first_id,
+                                  Text(f))))
             first_id += E
             counts[world] = (split, E, M)
             split_mentions[split] += ms[:M]
@@ -350,19 +389,19 @@ def make_zeshel_scale(out_dir, scale, seed=0, hidden=64, layers=2, heads=2, over
     for split, ms in split_mentions.items():
         ids = _hex_ids(first_mention, len(ms), 0x3E17)
         first_mention += len(ms)
-        with open(os.path.join(data_dir, "mentions", f"{split}.json"), "w") as f:
-            f.writelines(json.dumps({"mention_id": i, **m}) + "\n" for i, m in zip(ids, ms))
-    write_tiny_bert(bert_dir, SPECIAL + lower, seed, hidden, layers, heads)
+        outputs.write(os.path.join(data_dir, "mentions", f"{split}.json"), lambda f: f.write(
+            lines({"mention_id": i, **m} for i, m in zip(ids, ms))))
+    write_tiny_bert(bert_dir, SPECIAL + lower, seed, hidden, layers, heads, outputs)
     return data_dir, bert_dir, counts
 
 
 def main(argv=None):
-    from run_safety import cli_main
+    from run_safety import main as cli_main
     return cli_main(_main)(argv)
 
 
 def _main(argv=None):
-    from utils import ArgumentParser
+    from cli import ArgumentParser
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write data/ and bert/ into (what is there "
                                         "already is replaced only when an earlier toy_world.py "
@@ -379,7 +418,7 @@ def _main(argv=None):
     if args.demo:
         if args.zeshel_scale is not None:
             parser.error("--demo and --zeshel_scale: give one of them")
-        data_dir, bert_dir = make_demo_world(args.out_dir, args.seed)
+        data_dir, bert_dir = make_demo_world(args.out_dir, args.seed, overwrite=args.overwrite)
         print(f"demo world: {data_dir}  tiny BERT: {bert_dir}")
         return
     if args.zeshel_scale is None:

@@ -1,18 +1,12 @@
-"""What every script needs: user errors and the command line, seeds, devices and distributed runs,
-mixed precision, logs and progress bars, atomic files and checkpoints. The training scripts' own
-machinery is in training.py, the checks that keep runs from losing or overwriting work in
-run_safety.py."""
-import argparse
+"""What every script needs: seeds, devices and distributed runs, mixed precision, logs and
+progress bars. The command line is cli.py's, the training loop's machinery training.py's, the
+checks that keep runs from losing or overwriting work and the files written whole
+run_safety.py's."""
 import contextlib
-import errno
-import json
 import logging
 import os
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,91 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-# ----------------------------------------------------------------------------------------------
-# User errors: one plain line, exit status 2, no traceback (run_safety.cli_main prints it).
-
-class UserError(Exception):
-    """A mistake of the user's (path, flag, input row), reported as one line with exit status 2."""
-
-
-def die(message):
-    raise UserError(message)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors (an unknown flag, a bad value, two exclusive flags) are one
-    plain line on stderr naming the flag, exit status 2, instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
-def check_flag(condition, flag, message):
-    if not condition:
-        die(f"{flag}: {message}")
-
-
-def check_positive(args, *flags):
-    """Stop with a one-line error on the first of these argparse flags whose value is not > 0."""
-    for flag in flags:
-        value = getattr(args, flag)
-        check_flag(value > 0, f"--{flag}", f"must be positive (got {value})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Flags more than one script takes, each registered here once
-
-def add_data_arg(parser, flag):
-    """The Zeshel folder, `args.data_dir`, as `--data_dir` or `--data` in every script; `flag` is
-    the one the original script used, named in errors."""
-    other = "--data" if flag == "--data_dir" else "--data_dir"
-    parser.add_argument(flag, other, dest="data_dir",
-                        help="Zeshel folder with documents/ and mentions/ (required)")
-
-
-# Flags of the original's command lines that have nothing to do here: accepted so that those
-# command lines run unchanged, never recorded as if they acted, one notice when given.
-COMPATIBILITY_FLAGS = {
-    "num_hards": ({"type": int}, "the numbers of negatives come from --num_cands and "
-                  "--cands_ratio"),
-    "num_workers": ({"type": int}, "batches are assembled by tensor indexing in the main process"),
-    "store_en_hiddens": ({"action": "store_true"}, "entity vectors are streamed chunk by chunk, "
-                         "never stored"),
-    "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
-    "fp16_opt_level": ({}, "mixed precision is torch.amp's (--fp16, --bf16), not apex's"),
-    "seed": ({"type": int}, "ranking the candidates draws nothing at random"),
-}
-
-
-def add_compatibility_args(parser, *names):
-    for name in names:
-        kwargs, why = COMPATIBILITY_FLAGS[name]
-        parser.add_argument(f"--{name}", default=None, **kwargs,
-                            help=f"accepted for the original's command lines, no effect: {why}")
-    parser.set_defaults(ignored_flags=list(names))  # which of them this script ignores
-
-
-def compatibility_notice(args, log):
-    """One log line naming the compatibility flags given, if any, and why they do nothing."""
-    given = [name for name in getattr(args, "ignored_flags", [])
-             if getattr(args, name, None) is not None]
-    if given:
-        log.info("notice: %s accepted for the original's command line and ignored (%s)",
-                 ", ".join(f"--{name}" for name in given),
-                 "; ".join(dict.fromkeys(COMPATIBILITY_FLAGS[name][1] for name in given)))
-
-
-def recorded_args(args):
-    """The arguments as a run's log and checkpoints record them: without the compatibility
-    flags, which do nothing."""
-    ignored = set(getattr(args, "ignored_flags", [])) | {"ignored_flags"}
-    return {k: v for k, v in vars(args).items() if k not in ignored}
-
-
-def log_args(args, log):
-    log.info("args: %s", " ".join(f"--{k} {v}" for k, v in recorded_args(args).items()))
-    compatibility_notice(args, log)
+from cli import check_flag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,17 +193,6 @@ def encode_in_shares(n, encode, rt, gather=gather_shares):
 # ----------------------------------------------------------------------------------------------
 # Mixed precision through torch.amp (docs/DESIGN.md#precision)
 
-def add_precision_args(parser):
-    """--fp16 / --bf16 / --fp32, at most one of them: the autocast dtype (see amp_dtype)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fp16", action="store_true",
-                       help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
-    group.add_argument("--bf16", action="store_true",
-                       help="bfloat16 autocast (about twice as fast as float32 on a recent GPU)")
-    group.add_argument("--fp32", action="store_true",
-                       help="full precision, the default (TF32 matrix multiplies on a GPU)")
-
-
 def amp_dtype(fp16=False, bf16=False, device=None, log=None, fp32=False):
     """The autocast dtype, or None for full precision (the default, as the original).
 
@@ -382,6 +281,7 @@ class DeferredFileHandler(logging.Handler):
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 self.file = _LogFile(path)
             except OSError as e:
+                from run_safety import output_error
                 raise output_error(path, e) from None
             self.file.setFormatter(self.formatter)
             for record in self.pending:
@@ -433,14 +333,13 @@ def log_to_file(line):
             handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
 
 
-def notice(message):
-    """One line `notice: ...` in the run's log (stdout and `<model>.log`), or on stderr when the
-    log is not open yet."""
+def log_line(line):
+    """`line` in the run's log (stdout and `<model>.log`), or on stderr before there is one."""
     log = logging.getLogger(f"hard-nce-el.{os.getpid()}")
     if log.handlers:
-        log.info("notice: %s", message)
+        log.info("%s", line)
     else:
-        print(f"notice: {message}", file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 def quiet_transformers():
@@ -524,180 +423,6 @@ def progress(iterable=None, desc=None, total=None, disable=False, **kw):
     from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, total=total, disable=True if disable else None,
                 dynamic_ncols=True, leave=False, **kw)
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic files and checkpoints
-
-class Stopped(BaseException):
-    """SIGTERM or SIGINT: the run ends like a clean stop (a BaseException, as KeyboardInterrupt,
-    so that no `except Exception` swallows it). Raised by run_safety's signal handler, or at the
-    end of a write the signal arrived in (`deferred_signals`)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-# Writes in progress (`deferred_signals`) and the signal that arrived meanwhile, if any.
-_WRITES = {"depth": 0, "pending": None}
-
-
-def signal_deferred(signum):
-    """For run_safety's signal handler: True when a write is in progress, the signal then kept
-    until it ends (`deferred_signals`)."""
-    if _WRITES["depth"] == 0:
-        return False
-    _WRITES["pending"] = _WRITES["pending"] or signum
-    return True
-
-
-@contextlib.contextmanager
-def deferred_signals():
-    """SIGTERM and SIGINT wait until the block ends (a write, or the group of checkpoints of an
-    epoch), then stop the run (Stopped): a signal never interrupts a file half-way, and the stop
-    message sees every file of the block written."""
-    _WRITES["depth"] += 1
-    try:
-        yield
-    finally:
-        _WRITES["depth"] -= 1
-        if _WRITES["depth"] == 0 and _WRITES["pending"]:
-            signum, _WRITES["pending"] = _WRITES["pending"], None
-            raise Stopped(signum)
-
-
-def output_error(path, error, written=None, needed=None):
-    """The UserError of an OSError writing `path`: one line naming the file and the cause (a full
-    disk says how much was needed and how much is free)."""
-    why = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        parts = []
-        if needed:
-            parts.append(f"needed about {needed / 1e6:.1f} MB")
-        elif written is not None:
-            parts.append(f"needed more than the {written / 1e6:.1f} MB written")
-        with contextlib.suppress(OSError):
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            parts.append(f"{free / 1e6:.1f} MB free")
-        if parts:
-            why += f" ({', '.join(parts)})"
-    return UserError(f"cannot write {path}: {why}")
-
-
-def _os_error_in(error):
-    """The OSError `error` is, or was raised while handling (torch.save reports a failed write
-    as a RuntimeError raised during the OSError), else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="w", needed=None, **kw):
-    """Write to a temporary file beside `path`, then rename: `path` appears whole or not at all.
-    SIGTERM / SIGINT wait for the end of the write (deferred_signals); an OSError (a full disk, a
-    read-only folder) removes the temporary file and stops the run with one line naming `path`
-    (`needed`: the bytes the file takes, when known, for that line)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with deferred_signals():
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                                       suffix=".tmp")
-        except OSError as e:
-            raise output_error(path, e) from None
-        try:  # from here on, any exit (an error, a stop) removes `tmp`
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual rights
-            with os.fdopen(fd, mode, **kw) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except Exception as e:
-            cause = _os_error_in(e)  # torch.save turns a failed write into a RuntimeError
-            if cause is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            written = None
-            with contextlib.suppress(OSError):
-                written = os.path.getsize(tmp)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise output_error(path, cause, written, needed) from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-
-def write_json(obj, path, indent=2):
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=indent)
-        f.write("\n")
-
-
-def write_jsonl(rows, path):
-    with atomic_open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-def save_checkpoint(state, path):
-    """`state` is a plain dict (arguments as a dict, state dicts, numbers, lists), loadable with
-    torch.load(weights_only=True)."""
-    needed = sum(t.nbytes for t in _tensors(state))
-    with atomic_open(path, "wb", needed=needed or None) as f:
-        torch.save(state, f)
-
-
-def _tensors(obj):
-    """The tensors of a checkpoint's nested dicts and lists."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def load_checkpoint(path, map_location="cpu", flag="--model"):
-    if not os.path.isfile(path):
-        die(f"{flag}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        die(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__})")
-
-
-def rng_state():
-    """Python, numpy and torch random states as plain types, for exact resumption."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def unwrap(model):

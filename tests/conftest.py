@@ -164,7 +164,8 @@ def write_candidates(data_dir, cands_dir, C, seed=0):
     import random
     os.makedirs(cands_dir, exist_ok=True)
     docs = {}
-    for name in sorted(os.listdir(os.path.join(data_dir, "documents"))):
+    for name in sorted(n for n in os.listdir(os.path.join(data_dir, "documents"))
+                       if n.endswith(".json")):
         with open(os.path.join(data_dir, "documents", name)) as f:
             docs[name[:-len(".json")]] = [json.loads(line)["document_id"] for line in f]
     for split in ("train", "val", "test"):

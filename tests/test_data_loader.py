@@ -10,7 +10,7 @@ from data_loader import (Zeshel, encode_entities, encode_mentions, prefix_ids,
                          read_candidates, reranker_entity_ids, reranker_mention_ids,
                          reranker_pair, retriever_entity_window, retriever_mention_window,
                          reranker_mention_window, load_tokenizer)
-from utils import UserError
+from cli import UserError
 
 U0, U1, U2 = "[unused0]", "[unused1]", "[unused2]"
 

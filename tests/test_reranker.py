@@ -11,7 +11,7 @@ import reranker
 from data_loader import EntitySet, Zeshel
 from data_loader import MENTION_END, MENTION_START, load_tokenizer
 from retriever import nce_loss
-from utils import UserError
+from cli import UserError
 
 WORDS = ("la lb lc ld le lf mm mn ra rb rc rd re ea eb ec ed ee ef eg eh ei ez "
          "na nb nc nd ne nf ng").split()

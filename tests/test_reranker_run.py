@@ -67,7 +67,7 @@ def test_learns_well_above_chance(whole):
     last = torch.load(whole + ".last", weights_only=True)
     assert last["epoch"] == 6
     # one checkpoint schema for both trainers, naming the script that wrote it
-    from run_safety import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
+    from training import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
     assert set(state) == set(CHECKPOINT_KEYS) and set(last) == set(TRAINING_STATE_KEYS)
     assert state["script"] == last["script"] == "main_reranker"
     assert os.path.isfile(whole + ".log")

@@ -59,7 +59,7 @@ def test_two_epochs_raise_val_recall_well_above_the_untrained_baseline(runs):
     state = torch.load(runs["trained"], weights_only=True)
     assert state["args"]["type_model"] == "sum_max" and state["epoch"] == trained["test"]["epoch"]
     # one checkpoint schema for both trainers, naming the script that wrote it
-    from run_safety import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
+    from training import CHECKPOINT_KEYS, TRAINING_STATE_KEYS
     last = torch.load(str(runs["trained"]) + ".last", weights_only=True)
     assert set(state) == set(CHECKPOINT_KEYS) and set(last) == set(TRAINING_STATE_KEYS)
     assert state["script"] == last["script"] == "main_retriever" and last["epoch"] == 2

@@ -93,7 +93,7 @@ def linear_work(data_dir, bert_dir, cands_dir):
         for split in ("train", "val", "test"):
             encode_retriever_split(tokenizer, zeshel, split, 16)
             mentions = zeshel.mentions[split]
-            cands = read_candidates(cands_dir, split, mentions)
+            cands, _ = read_candidates(cands_dir, split, mentions)
             rows, _ = reranker.candidate_indices(zeshel.entities(split), mentions, cands, 4,
                                                  split == "train", "candidates")
             reranker.encode_pair_windows(tokenizer, zeshel, split, rows, 32, True)
@@ -138,7 +138,7 @@ def _tokenize_in_shares(rank, world_size, init, data_dir, bert_dir, cands_dir, o
             data = encode_retriever_split(tokenizer, zeshel, split, 16, rt=rt)
             mentions = zeshel.mentions[split]
             rows, _ = reranker.candidate_indices(
-                zeshel.entities(split), mentions, read_candidates(cands_dir, split, mentions), 4,
+                zeshel.entities(split), mentions, read_candidates(cands_dir, split, mentions)[0], 4,
                 False, "candidates")
             packed = reranker.encode_pair_windows(tokenizer, zeshel, split, rows, 32, True,
                                                   rt=rt)[:2]

@@ -5,6 +5,7 @@ from unittest import mock
 import pytest
 import torch
 
+import cli
 import training
 import utils
 
@@ -29,7 +30,7 @@ def test_precision_chosen_on_cuda_and_cpu(flag, bf16_supported):
     with mock.patch.object(torch.cuda, "is_bf16_supported", return_value=bf16_supported):
         on_cpu = utils.amp_dtype(device=cpu, **flags)
         if flag == "bf16" and not bf16_supported:
-            with pytest.raises(utils.UserError, match="--bf16"):
+            with pytest.raises(cli.UserError, match="--bf16"):
                 utils.amp_dtype(device=cuda, **flags)
             on_cuda = "stops"
         else:
@@ -41,8 +42,8 @@ def test_precision_chosen_on_cuda_and_cpu(flag, bf16_supported):
 
 
 def test_precision_flags_are_mutually_exclusive(capsys):
-    parser = utils.ArgumentParser()
-    utils.add_precision_args(parser)
+    parser = cli.ArgumentParser()
+    cli.add_precision_args(parser)
     assert vars(parser.parse_args([])) == {"fp16": False, "bf16": False, "fp32": False}
     for a, b in (("--fp16", "--fp32"), ("--fp16", "--bf16"), ("--bf16", "--fp32")):
         with pytest.raises(SystemExit) as e:
