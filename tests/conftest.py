@@ -145,6 +145,34 @@ def run_in_process(script, argv, capfd):
     return code, lines, out
 
 
+def tree(folder):
+    """{relative path: sha256} of every file and folder under `folder`, hidden files, logs, locks
+    and records included (a folder maps to None); {} when it does not exist."""
+    files = {}
+    for dirpath, dirs, names in os.walk(folder):
+        for name in dirs:
+            files[os.path.relpath(os.path.join(dirpath, name), folder)] = None
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def assert_refused(code, lines, words=(), folders=(), before=None):
+    """The error contract of a user's mistake (docs/DESIGN.md#run-safety), asserted in this one
+    place: exit status 2, one line on stderr `error: ...` holding each of `words`, no traceback,
+    and every folder of `folders` exactly as `before` (tree of each, taken before the run):
+    nothing created, changed or removed, no log, lock, record or temporary file. Returns the
+    line."""
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    for word in words:
+        assert str(word) in lines[0], lines[0]
+    for folder, was in zip(folders, before or [{} for _ in folders]):
+        assert tree(folder) == was, f"the refused run changed {folder}"
+    return lines[0]
+
+
 def fails_with(main, capsys, argv, *words):
     """main(argv) exits with status 2 and one stderr line, "error: ..." holding each of `words`:
     that line."""
