@@ -18,8 +18,9 @@ the last epoch the best is reported on test. `<model>.results.json` holds every 
 Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` or `--fp16` for
 mixed precision. Under torchrun each process trains on B / processes mentions of every batch
 (DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
-DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens` and
-`--en_hidden_path` are accepted for the original's command line and do nothing (a notice says so).
+DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens`,
+`--en_hidden_path` and `--eval_batchsize` (val and test are ranked in batches of `--mention_bsz`, as
+the original) are accepted for the original's command line and do nothing (a notice says so).
 """
 import torch
 
@@ -57,12 +58,11 @@ def build_parser():
                         "epoch, restarted from --seed, as the original (docs/DESIGN.md#negatives)")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
-    p.add_argument("--eval_batchsize", type=int, default=512,
-                   help="mentions per encoder batch in evaluation")
     p.add_argument("--mention_bsz", type=int, default=512,
-                   help="mentions per encoder batch in mining")
+                   help="mentions per encoder batch in mining and in ranking val and test")
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
-    add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path")
+    add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path",
+                           "eval_batchsize")
     return p
 
 
@@ -108,7 +108,7 @@ def check_args(args):
     check_flag(args.model, "--model", "a checkpoint path is required")
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_training_args(args)
-    check_positive(args, "k", "num_cands", "eval_batchsize", "mention_bsz", "entity_bsz")
+    check_positive(args, "k", "num_cands", "mention_bsz", "entity_bsz")
     check_flag(0.0 <= args.cands_ratio <= 1.0, "--cands_ratio",
                f"{args.cands_ratio} is not in [0, 1]")
     check_flag(args.max_len >= 4, "--max_len", f"{args.max_len} is too short for a window")
@@ -156,8 +156,8 @@ def main(argv=None):
 @torch.no_grad()
 def evaluate(model, data, args, stream, epoch):
     """Rank a split's mentions against all its entities: its results.json entry."""
-    pooled, per_world = rank_split(unwrap(model), data, args.k, mention_bsz=args.eval_batchsize,
-                                   **stream)
+    pooled, per_world = rank_split(unwrap(model), data, args.k, mention_bsz=args.mention_bsz,
+                                   **stream)  # batches of --mention_bsz, as the original
     return ranking_entry(pooled, per_world, data, args.k, epoch)
 
 

@@ -69,6 +69,8 @@ COMPATIBILITY_FLAGS = {
     "num_hards": ({"type": int}, "the numbers of negatives come from --num_cands and "
                   "--cands_ratio"),
     "num_workers": ({"type": int}, "batches are assembled by tensor indexing in the main process"),
+    "eval_batchsize": ({"type": int}, "val and test are ranked in batches of --mention_bsz, as "
+                       "the original ranked them"),
     "store_en_hiddens": ({"action": "store_true"}, "entity vectors are streamed chunk by chunk, "
                          "never stored"),
     "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
