@@ -48,7 +48,7 @@ def parse_args(argv=None):
     add_scorer_args(p, default=None, vecs=None, note="default: the checkpoint's")
     p.add_argument("--max_len", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--entity_bsz", type=int, default=512, help="entities per streamed chunk")
-    p.add_argument("--mention_bsz", type=int, default=512, help="mentions per encoder batch")
+    p.add_argument("--mention_bsz", type=int, default=128, help="mentions per encoder batch")
     p.add_argument("--gpus", default="", help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--pretrained", default=None,
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
