@@ -104,8 +104,8 @@ COMPATIBILITY_FLAGS = {
     "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
     "fp16_opt_level": ({}, "mixed precision is torch.amp's (--fp16, --bf16), not apex's"),
     "seed": ({"type": int}, "ranking the candidates draws nothing at random"),
-    "eval_batchsize": ({"type": int}, "the original ranked val and test in batches of "
-                       "--mention_bsz, as this script does"),
+    "eval_batchsize": ({"type": int}, "val and test are ranked in batches of --mention_bsz, as "
+                       "the original ranked them"),
 }
 
 

@@ -40,7 +40,7 @@ RETRIEVER = ["--type_model", "sum_max", "--num_mention_vecs", "8", "--num_entity
              "mixed_negative", "--exclude_golds", "--B", "16", "--gradient_accumulation_steps", "1",
              "--lr", "1e-3", "--warmup_proportion", "0.1", "--weight_decay", "0.01",
              "--adam_epsilon", "1e-6", "--clip", "1.0", "--optimizer", "original", "--epochs", "1",
-             "--eval_criterion", "accuracy", "--eval_batchsize", "64", "--mention_bsz", "512",
+             "--eval_criterion", "accuracy", "--mention_bsz", "512",
              "--entity_bsz", "512", "--logging_steps", "8"]
 NEGATIVES = {"random": "1.0", "mixed": "0.5"}
 LABELS = {"random": "random only (p = 0%)", "mixed": "mixed: 2 random + 2 hard (p = 50%)"}

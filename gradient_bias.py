@@ -25,6 +25,10 @@ batched log-softmax gives all the NCE losses and one backward pass their gradien
 `monte_carlo` draws are independent of each other. See docs/DESIGN.md#gradient-bias.
 
     python gradient_bias.py --out runs/gradient_bias.json --plot docs/figures
+
+As the original, every run also pickles `(entropy, records)` to `--pickle` (default `cukes.p` in the
+current folder), which the original's plot.py reads; an existing file there that is not such a
+pickle is refused, and `--pickle ''` writes none.
 """
 
 import json
@@ -238,6 +242,38 @@ def run(args):
     return {"entropy": entropy(p), "records": records, "seconds": timing, "args": vars(args)}
 
 
+# The record keys the original's plot.py reads from the pickle
+PLOT_KEYS = ("xent", "rand", "hard", "diff_rand", "diff_hard")
+
+
+def pickled(result):
+    """What the original pickled: (entropy H(p) as a float, the list of per-step record dicts)."""
+    return (result["entropy"], result["records"])
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads pickles of plain values only (numbers, strings, lists, tuples, dicts): a file that
+    names any class or function is refused, so reading it runs none of its code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
+
+
+def is_experiment_pickle(path):
+    """Whether `path` holds a pickle of this experiment: `(entropy, records)` as the original's
+    main.py and this script write it, or the result dict this script pickled before."""
+    try:
+        with open(path, "rb") as f:
+            data = _PlainUnpickler(f).load()
+    except Exception:  # not a pickle, a pickle of anything but plain values, unreadable
+        return False
+    if isinstance(data, dict):
+        data = (data.get("entropy"), data.get("records"))
+    return (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], float)
+            and isinstance(data[1], list)
+            and all(isinstance(r, dict) and set(PLOT_KEYS) <= set(r) for r in data[1]))
+
+
 def format_table(result):
     """The per-step records as a fixed-width text table."""
     keys = ["loss_avg", "xent", "rand", "hard", "diff_rand", "diff_hard"]
@@ -306,8 +342,10 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", help="write the records here as JSON")
-    parser.add_argument("--pickle", metavar="PATH",
-                        help="also pickle the same result here, as the original's flag did")
+    parser.add_argument("--pickle", metavar="PATH", default="cukes.p",
+                        help="pickle (entropy, records) here, as the original, whose plot.py reads "
+                             "it (default: cukes.p in the current folder; '': none). An existing "
+                             "file that is not such a pickle is refused")
     parser.add_argument("--plot", metavar="DIR", help="draw the loss and bias figures (PNG) here")
     parser.add_argument("--reference_loop", action="store_true",
                         help="also compute every NCE loss with the per-label loop on the same "
@@ -343,6 +381,9 @@ def parse_args(argv=None):
             parser.error(f"--{flag}: folder {folder} does not exist")
         if path:
             check_output_file(path, f"--{flag}")
+    if args.pickle and os.path.lexists(args.pickle) and not is_experiment_pickle(args.pickle):
+        parser.error(f"--pickle: {args.pickle} exists and is not a pickle of this experiment; "
+                     "move it, or give --pickle another path ('' for none)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -373,7 +414,7 @@ def main(argv=None):
         atomic_write(args.out, lambda f: f.write(text))
         say(f"wrote {args.out}")
     if args.pickle:
-        atomic_write(args.pickle, lambda f: pickle.dump(result, f))
+        atomic_write(args.pickle, lambda f: pickle.dump(pickled(result), f))  # plot.py reads it
         say(f"wrote {args.pickle}")
     if args.plot:
         for path in plot(result, args.plot):

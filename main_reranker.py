@@ -60,8 +60,8 @@ def build_parser():
                    help="mentions per evaluation batch (default: --B)")
     p.add_argument("--init", type=float, default=0.0,
                    help="std of the score layer's init (0: the encoder's initializer_range)")
-    p.add_argument("--num_workers", type=int, default=0, free=True,
-                   help="data loader worker processes")
+    p.add_argument("--num_workers", type=int, default=1, free=True,
+                   help="data loader worker processes (0: batches built in the main process)")
     p.add_argument("--eval_method", default="macro", choices=["micro", "macro"])
     add_scorer_args(p, reranker.TYPE_MODELS, default="full")
     p.add_argument("--type_bert", default="base", choices=list(PRETRAINED["--type_bert"]),
@@ -169,18 +169,44 @@ def load_split(args, zeshel, tokenizer, split, training, rows, kept, rt=None):
 
 def loader(dataset, batch_size, args, rt, shuffle, epoch=0):
     """Batches of (mention indices (B,), *inputs (B, C, L)). The training order depends on --seed
-    and the epoch only (so a resumed run repeats it); under torchrun each process takes its share
-    of every batch (training) or every W-th mention (evaluation)."""
+    and the epoch only, not on --num_workers (so a resumed run repeats it); under torchrun each
+    process takes its share of every batch (training) or every W-th mention (evaluation)."""
     common = dict(batch_size=batch_size, collate_fn=reranker.collate, num_workers=args.num_workers,
                   pin_memory=rt.device.type == "cuda", worker_init_fn=ignore_stop_signals,
                   generator=epoch_generator(args.seed, epoch))
     if rt.distributed and shuffle:
         sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=args.seed)
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, sampler=sampler, **common)
+        return Batches(DataLoader(dataset, sampler=sampler, **common))
     if rt.distributed:
         dataset = torch.utils.data.Subset(dataset, range(rt.rank, len(dataset), rt.world_size))
-    return DataLoader(dataset, shuffle=shuffle, **common)
+    if shuffle:  # a DataLoader with workers draws its order from the generator otherwise
+        order = shuffled_order(len(dataset), common["generator"])
+        return Batches(DataLoader(dataset, sampler=order, **common))
+    return Batches(DataLoader(dataset, shuffle=False, **common))
+
+
+def shuffled_order(n, generator):
+    """An epoch's order of n mentions, drawn from `generator`: the order this script has trained
+    in from the start, that of a shuffling DataLoader without workers looped over through
+    utils.progress (whose tqdm takes an iterator of it first, one draw), whatever --num_workers."""
+    indices = DataLoader(range(n), batch_size=max(1, n), shuffle=True, generator=generator)
+    return [i for batch in progress(indices, disable=True) for i in batch.tolist()]
+
+
+class Batches:
+    """A DataLoader that starts (with its workers) only when looped over: tqdm (utils.progress)
+    takes an iterator of what it is given at once, which for a bare DataLoader with workers
+    started a second set of worker processes that did nothing."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
 
 
 # ----------------------------------------------------------------------------------------------

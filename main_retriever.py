@@ -18,8 +18,9 @@ the last epoch the best is reported on test. `<model>.results.json` holds every 
 Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` or `--fp16` for
 mixed precision. Under torchrun each process trains on B / processes mentions of every batch
 (DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
-DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens` and
-`--en_hidden_path` are accepted for the original's command line and do nothing (a notice says so).
+DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens`,
+`--en_hidden_path` and `--eval_batchsize` (val and test are ranked in batches of `--mention_bsz`, as
+the original) are accepted for the original's command line and do nothing (a notice says so).
 """
 import torch
 
@@ -63,7 +64,7 @@ def build_parser():
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
     p.add_argument("--mention_bsz", type=int, default=512, free=True,
-                   help="mentions per encoder batch in mining and ranking")
+                   help="mentions per encoder batch in mining and in ranking val and test")
     p.add_argument("--entity_bsz", type=int, default=512, free=True,
                    help="entities per streamed chunk")
     add_compatibility_args(p, "num_hards", "num_workers", "store_en_hiddens", "en_hidden_path",

@@ -53,7 +53,7 @@ def build_parser():
     p.add_argument("--max_len", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--entity_bsz", type=int, default=512, free=True,
                    help="entities per streamed chunk")
-    p.add_argument("--mention_bsz", type=int, default=512, free=True,
+    p.add_argument("--mention_bsz", type=int, default=128, free=True,
                    help="mentions per encoder batch")
     p.add_argument("--gpus", default="", free=True,
                    help="visible GPUs (sets CUDA_VISIBLE_DEVICES)")

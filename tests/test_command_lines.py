@@ -1,48 +1,97 @@
-"""The three scripts' command lines: every flag of the original keeps the original's default (read
-from parse_args), and argparse mistakes end in one line naming the flag, exit status 2."""
+"""The four scripts' command lines: every flag of the original's argparse parses here, each keeps
+the original's default but for a named list of exceptions that docs/deviations.md explains, and
+argparse mistakes end in one line naming the flag, exit status 2."""
+import os
+
 import pytest
 
 import main_reranker
 import main_retriever
 import save_candidates
+from conftest import ROOT
 
-# The original's argparse defaults (docs/DESIGN.md#training, #candidates, #reranker).
-RETRIEVER = {"max_len": 128, "type_cands": "mixed_negative", "B": 128, "lr": 2e-5, "epochs": 3,
-             "k": 64, "warmup_proportion": 0.1, "weight_decay": 0.01, "adam_epsilon": 1e-6,
-             "gradient_accumulation_steps": 1, "seed": 42, "simpleoptim": False, "clip": 1.0,
-             "logging_steps": 1000, "gpus": "", "eval_criterion": "recall", "pre_model": "Bert",
-             "cands_ratio": 1.0, "num_cands": 128, "smoothing_value": 1.0,
-             "eval_batchsize": 512, "mention_bsz": 512, "entity_bsz": 512, "exclude_golds": False,
-             "type_model": "dual", "num_mention_vecs": 8, "num_entity_vecs": 8,
-             "mention_use_codes": False, "entity_use_codes": False, "resume_training": False,
-             "fp16": False, "bf16": False, "fp32": False}
-RERANKER = {"L": 256, "C": 64, "C_eval": 64, "B": 8, "lr": 2e-5, "warmup_proportion": 0.1,
-            "weight_decay": 0.01, "adam_epsilon": 1e-6, "gradient_accumulation_steps": 1,
-            "epochs": 3, "logging_steps": 1000, "clip": 1.0, "init": 0.0, "seed": 42,
-            "num_workers": 0, "gpus": "", "simpleoptim": False, "eval_method": "macro",
-            "type_model": "full", "type_bert": "base", "num_mention_vecs": 8,
-            "num_entity_vecs": 8, "mention_use_codes": False, "entity_use_codes": False,
-            "inputmark": False, "resume_training": False, "fp16": False, "bf16": False,
-            "fp32": False}
-# save_candidates: the model's shape comes from the checkpoint unless a flag gives it
-CANDIDATES = {"num_cands": 64, "entity_bsz": 512, "mention_bsz": 512, "gpus": "",
-              "type_model": None, "pre_model": None, "num_mention_vecs": None,
-              "num_entity_vecs": None, "max_len": None, "fp16": False, "bf16": False,
-              "fp32": False}
+# The original's argparse, flag by flag with its default, as its four parsers define them
+# (main_retriever.py, save_candidates.py, main_reranker.py, gradient-bias/main.py of the 2021 code).
+ORIGINAL_DEFAULTS = {
+    "main_retriever": {
+        "model": None, "resume_training": False, "max_len": 128, "num_hards": 10,
+        "type_cands": "mixed_negative", "data_dir": None, "B": 128, "lr": 2e-5, "epochs": 3,
+        "k": 64, "warmup_proportion": 0.1, "weight_decay": 0.01, "adam_epsilon": 1e-6,
+        "gradient_accumulation_steps": 1, "seed": 42, "num_workers": 0, "simpleoptim": False,
+        "clip": 1, "logging_steps": 1000, "gpus": "", "eval_criterion": "recall",
+        "pre_model": "Bert", "cands_ratio": 1.0, "num_cands": 128, "smoothing_value": 1,
+        "eval_batchsize": 512, "mention_bsz": 512, "entity_bsz": 512, "exclude_golds": False,
+        "type_model": "dual", "num_mention_vecs": 8, "num_entity_vecs": 8,
+        "mention_use_codes": False, "entity_use_codes": False, "en_hidden_path": None,
+        "store_en_hiddens": False},
+    "save_candidates": {
+        "model": None, "max_len": 128, "data_dir": None, "seed": 42, "num_workers": 0,
+        "gpus": "", "mention_bsz": 128, "entity_bsz": 512, "cands_dir": None, "num_cands": 64,
+        "type_model": "dual", "num_mention_vecs": 8, "num_entity_vecs": 8,
+        "mention_use_codes": False, "entity_use_codes": False, "en_hidden_path": None,
+        "pre_model": "Bert", "store_en_hiddens": False},
+    "main_reranker": {
+        "model": None, "data": None, "cands_dir": None, "L": 256, "C": 64, "C_eval": 64, "B": 8,
+        "lr": 2e-5, "warmup_proportion": 0.1, "weight_decay": 0.01, "adam_epsilon": 1e-6,
+        "gradient_accumulation_steps": 1, "epochs": 3, "logging_steps": 1000, "clip": 1,
+        "init": 0, "seed": 42, "num_workers": 1, "gpus": "", "simpleoptim": False,
+        "eval_method": "macro", "type_model": "full", "type_bert": "base", "num_mention_vecs": 8,
+        "num_entity_vecs": 8, "mention_use_codes": False, "entity_use_codes": False,
+        "inputmark": False, "fp16": False, "fp16_opt_level": "O1"},
+    "gradient_bias": {
+        "num_labels": 1000, "support": -1, "temp": 0.001, "num_negatives": 4, "replacement": False,
+        "monte_carlo": 10, "dim": 300, "steps": 30, "batch_size": 128, "lr": 0.001,
+        "pickle": "cukes.p", "seed": 42},
+}
+ORIGINAL_FLAGS = {script: tuple(flags) for script, flags in ORIGINAL_DEFAULTS.items()}
+
+# Our defaults that are not the original's, each listed in docs/deviations.md: the flags that do
+# nothing here default to None, which tells whether one was given (it gets a notice), and
+# save_candidates.py reads the model's shape from the checkpoint unless a flag gives it.
+COMPATIBILITY = None
+FROM_CHECKPOINT = None
+EXCEPTIONS = {
+    "main_retriever": {"num_hards": COMPATIBILITY, "num_workers": COMPATIBILITY,
+                       "store_en_hiddens": COMPATIBILITY, "eval_batchsize": COMPATIBILITY},
+    "save_candidates": {"seed": COMPATIBILITY, "num_workers": COMPATIBILITY,
+                        "store_en_hiddens": COMPATIBILITY, **{
+                            flag: FROM_CHECKPOINT for flag in (
+                                "pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
+                                "mention_use_codes", "entity_use_codes", "max_len")}},
+    "main_reranker": {"fp16_opt_level": COMPATIBILITY},
+    "gradient_bias": {},
+}
 
 
-def defaults(module, argv):
-    return vars(module.parse_args(argv))
+def our_defaults(script, monkeypatch):
+    """{dest: default} of a script's parser, as built (nothing parsed, nothing checked)."""
+    import importlib
+    parser = parser_of(importlib.import_module(script), monkeypatch)
+    return {a.dest: a.default for a in parser._actions}
 
 
-@pytest.mark.parametrize("module, argv, expected", [
-    (main_retriever, ["--model", "m.pt", "--data_dir", "d"], RETRIEVER),
-    (save_candidates, ["--model", "m.pt", "--data_dir", "d", "--cands_dir", "c"], CANDIDATES),
-    (main_reranker, ["--model", "m.pt", "--data", "d", "--cands_dir", "{tmp}"], RERANKER),
-])
-def test_defaults_are_the_originals(module, argv, expected, tmp_path):
-    args = defaults(module, [a.format(tmp=tmp_path) for a in argv])
-    assert {k: args[k] for k in expected} == expected
+def dest(flag):
+    return "data_dir" if flag == "data" else flag  # --data and --data_dir name one folder here
+
+
+@pytest.mark.parametrize("script", sorted(ORIGINAL_DEFAULTS))
+def test_defaults_are_the_originals_but_the_listed_exceptions(script, monkeypatch):
+    ours = our_defaults(script, monkeypatch)
+    original, exceptions = ORIGINAL_DEFAULTS[script], EXCEPTIONS[script]
+    assert set(exceptions) <= set(original)
+    for flag, default in original.items():
+        expected = exceptions.get(flag, default)
+        assert ours[dest(flag)] == expected, (flag, ours[dest(flag)], expected)
+        if flag in exceptions:
+            assert exceptions[flag] != default, f"--{flag} is the original's again: unlist it"
+
+
+def test_every_exception_is_in_the_deviation_list():
+    with open(os.path.join(ROOT, "docs", "deviations.md"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [f"{script} --{flag}" for script, flags in EXCEPTIONS.items() for flag in flags
+               if f"--{flag}" not in text]
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("module, argv", [
@@ -75,47 +124,40 @@ def test_data_and_data_dir_both_name_the_zeshel_folder(module, argv, flag, tmp_p
     assert args.data_dir == "zeshel"
 
 
-def test_compatibility_flags_do_nothing_and_say_so(capsys):
+def test_compatibility_flags_do_nothing_and_say_so():
     """The original's flags that have nothing to do here parse, default to None, are left out
     of what a run records, and one notice names those given."""
-    import logging
-    import sys
-    from utils import COMPATIBILITY_FLAGS, compatibility_notice, recorded_args
-    args = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d"])
+    from cli import COMPATIBILITY_FLAGS, notices
+    parser = main_retriever.build_parser()
+    args = parser.parse_args(["--model", "m.pt", "--data_dir", "d"])
     assert all(getattr(args, name) is None for name in
-               ("num_hards", "num_workers", "store_en_hiddens", "en_hidden_path"))
-    given = main_retriever.parse_args(["--model", "m.pt", "--data_dir", "d", "--num_hards", "10",
-                                       "--store_en_hiddens", "--en_hidden_path", "/x"])
+               ("num_hards", "num_workers", "store_en_hiddens", "en_hidden_path",
+                "eval_batchsize"))
+    given = parser.parse_args(["--model", "m.pt", "--data_dir", "d", "--num_hards", "10",
+                               "--store_en_hiddens", "--en_hidden_path", "/x"])
     assert given.num_hards == 10 and given.store_en_hiddens is True
-    assert not set(recorded_args(given)) & set(given.ignored_flags)
-    assert set(given.ignored_flags) <= set(COMPATIBILITY_FLAGS)
-    assert recorded_args(given)["B"] == 128
-    log = logging.getLogger("test_compatibility_notice")
-    log.handlers[:] = [logging.StreamHandler(sys.stdout)]
-    log.setLevel(logging.INFO)
-    compatibility_notice(args, log)
-    assert capsys.readouterr().out == ""
-    compatibility_notice(given, log)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("notice: --num_hards, --store_en_hiddens, "
-                                                   "--en_hidden_path accepted"), lines
+    assert not set(parser.recorded(given)) & parser.compat
+    assert parser.compat <= set(COMPATIBILITY_FLAGS)
+    assert parser.recorded(given)["B"] == 128
+    assert notices(args, parser) == []
+    lines = notices(given, parser)
+    assert len(lines) == 1 and lines[0].startswith("--en_hidden_path, --num_hards, "
+                                                   "--store_en_hiddens accepted"), lines
     # the reranker's --num_workers acts (its DataLoader's workers): recorded, no notice
-    rr = main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
-                                   "--num_workers", "2"])
-    assert recorded_args(rr)["num_workers"] == 2
-    compatibility_notice(rr, log)
-    assert capsys.readouterr().out == ""
-    assert "--fp16_opt_level" not in lines[0]
+    rr_parser = main_reranker.build_parser()
+    rr = rr_parser.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
+                               "--num_workers", "2"])
+    assert rr_parser.recorded(rr)["num_workers"] == 2 and notices(rr, rr_parser) == []
     # save_candidates draws nothing at random and has no loader: its --seed, --num_workers
     # are compatibility flags (the retriever's --seed acts)
-    sc = save_candidates.parse_args(["--model", "m", "--data_dir", "d", "--cands_dir", "c",
-                                     "--seed", "3", "--num_workers", "2"])
-    assert "seed" not in recorded_args(sc) and "seed" in recorded_args(given)
-    compatibility_notice(sc, log)
-    line = capsys.readouterr().out
-    assert line.startswith("notice: --seed, --num_workers accepted") and line.count("\n") == 1
-    assert main_reranker.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
-                                     "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
+    sc_parser = save_candidates.build_parser()
+    sc = sc_parser.parse_args(["--model", "m", "--data_dir", "d", "--cands_dir", "c",
+                               "--seed", "3", "--num_workers", "2"])
+    assert "seed" not in sc_parser.recorded(sc) and "seed" in parser.recorded(given)
+    lines = notices(sc, sc_parser)
+    assert len(lines) == 1 and lines[0].startswith("--num_workers, --seed accepted")
+    assert rr_parser.parse_args(["--model", "m", "--data", "d", "--cands_dir", ".",
+                                 "--fp16_opt_level", "O2"]).fp16_opt_level == "O2"
 
 
 def test_scorer_choices_come_from_the_registry():
@@ -138,32 +180,6 @@ def type_model_choices(module):
     return [c.strip(" '") for c in inside.split(",")]
 
 
-# Every flag of the original's argparse, per script (docs/DESIGN.md#deviations): each parses here,
-# with its meaning or, where it has nothing left to do, as a compatibility flag with a notice.
-ORIGINAL_FLAGS = {
-    "main_retriever": (
-        "model", "data_dir", "max_len", "type_cands", "B", "lr", "epochs", "k",
-        "warmup_proportion", "weight_decay", "adam_epsilon", "gradient_accumulation_steps", "seed",
-        "simpleoptim", "clip", "logging_steps", "gpus", "eval_criterion", "pre_model",
-        "cands_ratio", "num_cands", "smoothing_value", "eval_batchsize", "mention_bsz",
-        "entity_bsz", "exclude_golds", "type_model", "num_mention_vecs", "num_entity_vecs",
-        "mention_use_codes", "entity_use_codes", "resume_training", "fp16", "num_hards",
-        "num_workers", "store_en_hiddens", "en_hidden_path"),
-    "save_candidates": (
-        "model", "data_dir", "cands_dir", "num_cands", "pre_model", "type_model",
-        "num_mention_vecs", "num_entity_vecs", "mention_use_codes", "entity_use_codes", "max_len",
-        "entity_bsz", "mention_bsz", "gpus", "fp16", "store_en_hiddens", "en_hidden_path", "seed",
-        "num_workers"),
-    "main_reranker": (
-        "model", "data", "cands_dir", "L", "C", "C_eval", "B", "lr", "warmup_proportion",
-        "weight_decay", "adam_epsilon", "gradient_accumulation_steps", "epochs", "logging_steps",
-        "clip", "init", "seed", "num_workers", "gpus", "simpleoptim", "eval_method", "type_model",
-        "type_bert", "num_mention_vecs", "num_entity_vecs", "mention_use_codes",
-        "entity_use_codes", "inputmark", "fp16", "fp16_opt_level"),
-    "gradient_bias": (
-        "num_labels", "support", "temp", "num_negatives", "replacement", "monte_carlo", "dim",
-        "steps", "batch_size", "lr", "seed", "pickle"),
-}
 # A value of each flag that takes one, where the type's own sample would not do
 VALUES = {"cands_dir": "{tmp}", "pickle": "{tmp}/bias.pkl", "gpus": "0", "dim": "-1",
           "support": "-1", "type_model": "sum_max", "max_len": "128", "L": "256"}
@@ -174,12 +190,12 @@ class Built(Exception):
 
 
 def parser_of(module, monkeypatch):
-    import utils
+    import cli
 
     def stop(self, *args, **kwargs):
         raise Built(self)
     with monkeypatch.context() as m:
-        m.setattr(utils.ArgumentParser, "parse_args", stop)
+        m.setattr(cli.ArgumentParser, "parse_args", stop)
         with pytest.raises(Built) as built:
             module.parse_args([])
     return built.value.args[0]

@@ -48,8 +48,7 @@ def ok(result):
 
 
 RETRIEVER = ["--max_len", 32, "--type_model", "sum_max", "--num_mention_vecs", 4,
-             "--num_entity_vecs", 4, "--k", 16, "--entity_bsz", 40, "--mention_bsz", 64,
-             "--eval_batchsize", 64, "--quiet"]
+             "--num_entity_vecs", 4, "--k", 16, "--entity_bsz", 40, "--mention_bsz", 64, "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -409,7 +409,7 @@ def test_rerun_of_the_same_run_and_overwrite_are_allowed(world, tmp_path, capfd)
     and --overwrite over another script's checkpoint. Untrained runs (--epochs 0), for speed."""
     out = tmp_path / "out"
     paths = {**world, "out": str(out)}
-    for extra in ({}, {"--eval_batchsize": 64, "--logging_steps": 5, "--quiet": False}):
+    for extra in ({}, {"--mention_bsz": 64, "--logging_steps": 5, "--quiet": False}):
         code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
             {**BASE["R"], "--epochs": 0, **extra}, paths), capfd)
         assert code == 0, lines

@@ -104,8 +104,8 @@ def test_main_writes_json_pickle_and_table(tmp_path, capsys):
     assert list(result["records"][0]) == ["loss_avg", "xent", "rand", "hard", "diff_rand",
                                           "diff_hard"]
     assert result["entropy"] == pytest.approx(entropy(population_of(result)))
-    with open(pickled, "rb") as f:
-        assert pickle.load(f) == result  # --pickle: the original's flag, the same result
+    with open(pickled, "rb") as f:  # --pickle: the original's layout, the same numbers
+        assert pickle.load(f) == (result["entropy"], result["records"])
     printed = capsys.readouterr().out
     assert "diff_hard" in printed and "entropy" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bias.json", "bias.pkl"]  # no temp file
@@ -187,11 +187,56 @@ def test_replacement_flag_draws_with_replacement(flags, replacement, monkeypatch
     assert seen and set(seen) == {replacement}
 
 
-def test_quiet_prints_nothing(tmp_path, capsys):
+def test_quiet_prints_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --pickle, cukes.p, goes to the current folder
     main(SMALL + ["--steps", "1", "--out", str(tmp_path / "bias.json")])
     out, err = capsys.readouterr()
     assert out == "" and err == ""
-    assert (tmp_path / "bias.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bias.json", "cukes.p"]
+
+
+# The record keys the original's plot.py reads from the pickle (loss and bias figures)
+PLOT_KEYS = {"xent", "hard", "rand", "diff_hard", "diff_rand"}
+
+
+def test_default_pickle_has_the_originals_layout(tmp_path, monkeypatch):
+    """As the original's main.py: with no --pickle, cukes.p in the current folder holds the
+    pickled tuple (entropy of p, records), a float and a list of one dict per step with the keys
+    its plot.py reads; the numbers are the JSON result's."""
+    monkeypatch.chdir(tmp_path)
+    main(SMALL + ["--steps", "3", "--out", "bias.json"])
+    with open(tmp_path / "cukes.p", "rb") as f:
+        loaded = pickle.load(f)
+    result = json.loads((tmp_path / "bias.json").read_text())
+    assert isinstance(loaded, tuple) and len(loaded) == 2
+    entropy_pop, records = loaded
+    assert isinstance(entropy_pop, float) and entropy_pop == result["entropy"]
+    assert isinstance(records, list) and len(records) == 3
+    assert all(isinstance(r, dict) and PLOT_KEYS <= set(r) for r in records)
+    assert records == result["records"]
+
+
+def test_pickle_never_replaces_a_file_of_something_else(tmp_path, monkeypatch, capsys):
+    """An existing --pickle file that is not a pickle of this experiment (a user's file, a
+    pickle of anything else) stops the run in one line before any work, and stays as it was; a
+    pickle of an earlier run is replaced; --pickle '' writes none."""
+    monkeypatch.chdir(tmp_path)
+    for content in (b"my notes\n", pickle.dumps({"some": "dict"}), pickle.dumps(torch.zeros(2))):
+        (tmp_path / "cukes.p").write_bytes(content)
+        with pytest.raises(SystemExit) as exit_:
+            main(SMALL + ["--steps", "1"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --pickle: cukes.p exists") and err.count("\n") == 1, err
+        assert (tmp_path / "cukes.p").read_bytes() == content
+    (tmp_path / "cukes.p").unlink()
+    main(SMALL + ["--steps", "1"])
+    first = (tmp_path / "cukes.p").read_bytes()
+    main(SMALL + ["--steps", "2"])  # a pickle of this experiment: replaced
+    assert (tmp_path / "cukes.p").read_bytes() != first
+    (tmp_path / "cukes.p").unlink()
+    main(SMALL + ["--steps", "1", "--pickle", ""])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

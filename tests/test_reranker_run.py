@@ -160,3 +160,35 @@ def test_user_errors(toy, cands, tmp_path, capsys):
     missing = json.loads(lines[5])["mention_id"]
     fails(base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
           str(partial / "candidates_train.json"), missing)
+
+
+class Items(torch.utils.data.Dataset):
+    """50 items as main_reranker's datasets give them: (mention index, a (C, L) tensor)."""
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        return i, torch.zeros((1, 1), dtype=torch.long)
+
+
+def test_training_order_is_the_same_for_any_number_of_workers():
+    """The reranker's training order depends on --seed and the epoch only: the same with the
+    original's default --num_workers 1 as without workers, and the order this script always
+    trained in (a workerless shuffling DataLoader looped over through utils.progress)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from utils import epoch_generator, progress
+    rt = SimpleNamespace(device=torch.device("cpu"), distributed=False)
+    orders = []
+    for workers in (0, 1):
+        args = SimpleNamespace(seed=3, num_workers=workers)
+        batches = main_reranker.loader(Items(), 4, args, rt, shuffle=True, epoch=2)
+        orders.append([i for batch in progress(batches, disable=True) for i in batch[0].tolist()])
+    before = DataLoader(Items(), batch_size=4, shuffle=True,
+                        collate_fn=main_reranker.reranker.collate, generator=epoch_generator(3, 2))
+    assert orders[0] == orders[1] == [i for b in progress(before, disable=True)
+                                      for i in b[0].tolist()]
+    assert sorted(orders[0]) == list(range(50)) != orders[0]

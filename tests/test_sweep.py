@@ -85,7 +85,7 @@ def test_user_mistakes_are_one_line(capsys, tmp_path):
 
 # Two runs of the appendix recipe on the toy world, with tiny windows and few candidates.
 TINY = ["--max_len", "16", "--num_cands", "4", "--k", "4", "--B", "16", "--lr", "1e-3",
-        "--epochs", "2", "--eval_batchsize", "64", "--quiet"]
+        "--epochs", "2", "--mention_bsz", "64", "--quiet"]
 
 
 def sweep_argv(toy, out):
