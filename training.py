@@ -498,11 +498,14 @@ class TrainingRun:
         return state["epoch"]
 
     def save_results(self, **extra):
-        """`<model>.results.json`: the evaluations, the flags that define the run, its loss per
-        logging step (report.py tabulates and plots them)."""
+        """`<model>.results.json`: the evaluations, the flags that define the run, the encoder
+        (name and size), its loss per logging step (report.py tabulates and plots them)."""
         if self.rt.is_main:
+            config = next(m.config for m in unwrap(self.model).modules() if hasattr(m, "config"))
+            encoder = {"name": self.args.pretrained, **{k: getattr(config, k, None) for k in (
+                "model_type", "hidden_size", "num_hidden_layers", "vocab_size")}}
             self.outputs.write_json({**self.results, "script": self.script,
-                                     "args": self.parser.defining(self.args),
+                                     "args": self.parser.defining(self.args), "encoder": encoder,
                                      "losses": self.losses, **extra}, self.paths["results"])
 
     def stop_message(self, name):
