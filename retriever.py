@@ -26,6 +26,7 @@ share lives here, once:
 - `encode_retriever_split`, `rank_split`, `recall_table`, `ranking_entry`: a split's tensors,
   its rankings and metrics.
 """
+import contextlib
 import copy
 import math
 import random
@@ -50,9 +51,9 @@ SCORE_BLOCK_ELEMENTS = {"cuda": 2 ** 29, "cpu": 2 ** 24}
 
 # ----------------------------------------------------------------------------------------------
 # Scorers: pure functions of the dot products g = <u_i, v_j>, shape (..., m, n) -> (...) float32.
-# Scores are computed and ranked in float32 under every precision (docs/DESIGN.md#precision): the
-# vectors are float32 (the encoders' outputs, whatever autocast ran inside them) and g is their
-# float32 product (TF32 on a GPU that has it).
+# Scores are computed and ranked in float32 under every precision (docs/DESIGN.md#precision):
+# under --bf16 / --fp16 the vectors are kept in that dtype, but g is accumulated and returned in
+# float32 (all_pairs_interactions), so that close scores never merge into ties.
 
 def paired_interactions(u, v):
     """Dot products of each mention's vectors with those of its own candidates.
@@ -65,15 +66,32 @@ def paired_interactions(u, v):
 def all_pairs_interactions(u, v):
     """Dot products of every mention vector with every entity vector, as one matrix product.
 
-    u: (M, m, d), v: (E, n, d) float32 -> (M, E, m, n), a view of an (M, m, E, n) product:
+    u: (M, m, d), v: (E, n, d) -> (M, E, m, n) float32, a view of an (M, m, E, n) product:
     M * m * E * n elements, so callers pass blocks sized to a memory budget (see stream_scores).
+    Half-precision vectors are multiplied with float32 accumulation and a float32 result.
 
     >>> all_pairs_interactions(torch.ones(2, 3, 4), torch.ones(5, 6, 4)).shape
     torch.Size([2, 5, 3, 6])
     """
     M, m, d = u.shape
     E, n, _ = v.shape
-    return (u.reshape(M * m, d) @ v.reshape(E * n, d).T).view(M, m, E, n).transpose(1, 2)
+    g = float32_product(u.reshape(M * m, d), v.reshape(E * n, d).T)
+    return g.view(M, m, E, n).transpose(1, 2)
+
+
+def float32_product(a, b):
+    """a @ b, (R, d) x (d, C) -> (R, C) float32 whatever the inputs' dtype: on a GPU one
+    half-precision tensor-core product with a float32 output where torch offers it
+    (torch.mm's out_dtype), else the product of the float32 inputs (the same values, to the
+    order of summation).
+
+    >>> float32_product(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, 1)).dtype
+    torch.float32
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        with contextlib.suppress(RuntimeError, TypeError):
+            return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 def dual_scores(g):
@@ -531,15 +549,16 @@ class GumbelTopK:
 
 @torch.no_grad()
 def encode_vectors(fn, ids, mask, batch_size, device, dtype=None, quiet=True, desc=None):
-    """fn(ids, mask) over batches, run under autocast to `dtype` (None: float32) -> (N, count, d)
-    float32 on `device`. The caller puts the model in eval mode."""
+    """fn(ids, mask) over batches, run under autocast to `dtype` -> (N, count, d) on `device`,
+    kept in `dtype` (None: float32; scored in float32 all the same, all_pairs_interactions).
+    The caller puts the model in eval mode."""
     out = []
     starts = range(0, ids.shape[0], batch_size)
     for s in progress(starts, desc=desc, disable=quiet or desc is None):
         with autocast(device, dtype):
             vecs = fn(ids[s:s + batch_size].to(device, non_blocking=True),
                       mask[s:s + batch_size].to(device, non_blocking=True))
-        out.append(vecs.float())
+        out.append(vecs.to(dtype or torch.float32))
     return torch.cat(out)
 
 
