@@ -26,7 +26,8 @@ import torch
 from data_loader import PRETRAINED, Zeshel, check_positions, pretrained_name
 from retriever import (TYPE_CANDS, add_scorer_args, check_scorer_args, check_worlds_hold,
                        encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
-                       rank_split, ranking_entry, vector_counts)
+                       RANDOM_NEGATIVES, random_negative_stream, rank_split, ranking_entry,
+                       vector_counts)
 from run_safety import cli_main, ignored_flag_notices
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
@@ -52,9 +53,9 @@ def build_parser():
     p.add_argument("--smoothing_value", type=float, default=1.0,
                    help="hard_negative: sample from softmax(smoothing_value * scores)")
     p.add_argument("--exclude_golds", action="store_true", help="never mine the gold as a negative")
-    p.add_argument("--random_negatives", default="fresh", choices=RANDOM_NEGATIVES,
-                   help="fresh: drawn anew every epoch; repeat: the same stream of draws every "
-                        "epoch, restarted from --seed, as the original (docs/DESIGN.md#negatives)")
+    p.add_argument("--random_negatives", default="original", choices=RANDOM_NEGATIVES,
+                   help="original: every epoch deals the same draws, whatever --seed, as the "
+                        "original; fresh: drawn anew every epoch (docs/DESIGN.md#negatives)")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
     p.add_argument("--eval_batchsize", type=int, default=512,
@@ -86,21 +87,6 @@ IGNORED_BY_MODE = (
     ("num_entity_vecs", lambda a: vector_counts(a.type_model, 2, 2)[1] == 1,
      lambda a: f"--type_model {a.type_model} takes one entity vector"),
 )
-
-
-# --random_negatives: where an epoch's random negatives are drawn from
-RANDOM_NEGATIVES = ("fresh", "repeat")
-
-
-def random_negative_stream(kind, seed, epoch_stream):
-    """The generator an epoch's random negatives are drawn from (docs/DESIGN.md#negatives):
-    `fresh`, the epoch's own stream (which also shuffled the batches), so every epoch draws anew;
-    `repeat`, a stream restarted from the seed alone at every epoch, so that every epoch deals the
-    same sequence of draws to its batches in turn, as the original's dataset, re-seeded with the
-    same seed whenever it was rebuilt for an epoch."""
-    if kind == "repeat":
-        return torch.Generator().manual_seed(seed)
-    return epoch_stream
 
 
 def check_args(args):
@@ -202,7 +188,7 @@ def train_retriever(args, rt):
         generator = epoch_generator(args.seed, epoch)  # the batches (and fresh random negatives)
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
-        draws = random_negative_stream(args.random_negatives, args.seed, generator)
+        draws = random_negative_stream(args.random_negatives, generator)
         for batch in run.batches(batches, epoch):
             # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
             own, cands, log_q = negatives.batch(batch, draws, rt.rank, rt.world_size)

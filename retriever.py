@@ -28,6 +28,7 @@ share lives here, once:
 """
 import copy
 import math
+import random
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -41,13 +42,16 @@ from data_loader import (encode_entities, encode_mentions, freeze_objects, load_
 from utils import autocast, check_flag, check_positive, encode_in_shares, progress
 
 TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
-# Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n elements of the
-# vectors' dtype): 1 GB in bfloat16 on a GPU, 64 MB of float32 on a CPU.
+# Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n float32 elements):
+# 2 GB on a GPU, 64 MB on a CPU.
 SCORE_BLOCK_ELEMENTS = {"cuda": 2 ** 29, "cpu": 2 ** 24}
 
 
 # ----------------------------------------------------------------------------------------------
-# Scorers: pure functions of the dot products g = <u_i, v_j>, shape (..., m, n) -> (...) float32
+# Scorers: pure functions of the dot products g = <u_i, v_j>, shape (..., m, n) -> (...) float32.
+# Scores are computed and ranked in float32 under every precision (docs/DESIGN.md#precision): the
+# vectors are float32 (the encoders' outputs, whatever autocast ran inside them) and g is their
+# float32 product (TF32 on a GPU that has it).
 
 def paired_interactions(u, v):
     """Dot products of each mention's vectors with those of its own candidates.
@@ -60,7 +64,7 @@ def paired_interactions(u, v):
 def all_pairs_interactions(u, v):
     """Dot products of every mention vector with every entity vector, as one matrix product.
 
-    u: (M, m, d), v: (E, n, d) -> (M, E, m, n), a view of an (M, m, E, n) product in u's dtype:
+    u: (M, m, d), v: (E, n, d) float32 -> (M, E, m, n), a view of an (M, m, E, n) product:
     M * m * E * n elements, so callers pass blocks sized to a memory budget (see stream_scores).
 
     >>> all_pairs_interactions(torch.ones(2, 3, 4), torch.ones(5, 6, 4)).shape
@@ -91,9 +95,6 @@ def multi_vector_scores(g):
 
 def sum_of_max_scores(g):
     """`sum_max`: s = sum_i max_j <u_i, v_j>.  g: (..., m, n) -> (...) float32.
-
-    The maxima are taken in g's dtype (bf16/fp16 under mixed precision) and summed in float32, so
-    near scores stay distinct.
 
     >>> sum_of_max_scores(torch.tensor([[[2., 5.], [7., 1.]]]))
     tensor([12.])
@@ -182,10 +183,13 @@ class CodeAttention(nn.Module):
         nn.init.normal_(self.codes, std=initializer_range)
 
     def forward(self, hidden, mask):
-        """hidden: (B, L, d) token states, mask: (B, L) 1 for tokens -> (B, k, d)."""
-        logits = torch.einsum("kd,bld->bkl", self.codes, hidden).float()  # (B, k, L)
-        logits = logits.masked_fill(mask[:, None, :] == 0, float("-inf"))
-        return torch.einsum("bkl,bld->bkd", logits.softmax(-1).to(hidden.dtype), hidden)
+        """hidden: (B, L, d) token states, mask: (B, L) 1 for tokens -> (B, k, d) float32 (in
+        float32 under autocast too)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            logits = torch.einsum("kd,bld->bkl", self.codes.float(), hidden)  # (B, k, L)
+            logits = logits.masked_fill(mask[:, None, :] == 0, float("-inf"))
+            return torch.einsum("bkl,bld->bkd", logits.softmax(-1), hidden)
 
 
 def adjust_negative_scores(scores, log_q):
@@ -242,14 +246,14 @@ class Retriever(nn.Module):
     def _vectors(encoder, codes, count, ids, mask):
         ids, mask = ids.long(), mask.long()  # windows are kept as int32 ids and uint8 masks
         hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
-        return codes(hidden, mask) if codes is not None else hidden[:, :count]
+        return codes(hidden, mask) if codes is not None else hidden[:, :count].float()
 
     def mention_vectors(self, ids, mask):
-        """ids, mask: (B, L) -> (B, m, d)."""
+        """ids, mask: (B, L) -> (B, m, d) float32."""
         return self._vectors(self.mention_encoder, self.mention_codes, self.m, ids, mask)
 
     def entity_vectors(self, ids, mask):
-        """ids, mask: (B, L) -> (B, n, d)."""
+        """ids, mask: (B, L) -> (B, n, d) float32."""
         return self._vectors(self.entity_encoder, self.entity_codes, self.n, ids, mask)
 
     def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
@@ -265,7 +269,8 @@ class Retriever(nn.Module):
         v = self.entity_vectors(cand_ids.view(B * C, L)[present],
                                 cand_mask.view(B * C, L)[present])                   # (P, n, d)
         v = v.new_zeros((B * C, *v.shape[1:])).index_put((present.nonzero().squeeze(-1),), v)
-        scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
+        with torch.autocast(u.device.type, enabled=False):  # scores in float32 (see Scorers)
+            scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
         return scores.masked_fill(~present.view(B, C), float("-inf"))               # (B, C)
 
 
@@ -321,36 +326,63 @@ def candidate_counts(type_cands, num_cands, cands_ratio):
     return 0, num_cands
 
 
-def sample_random_negatives(golds, num_entities, num, generator=None):
+# --random_negatives: where an epoch's random negatives come from (docs/DESIGN.md#negatives)
+RANDOM_NEGATIVES = ("original", "fresh")
+# The original's dataset re-seeded Python's `random` with 42 whenever it was built, once per epoch
+ORIGINAL_STREAM_SEED = 42
+
+
+def random_negative_stream(kind, epoch_generator):
+    """The stream an epoch's random negatives are drawn from, dealt to the mentions in the order
+    they are visited: `original` (the default), Python's `random` seeded with 42 at the start of
+    every epoch whatever --seed says, so that every epoch deals the same draws, position by
+    position, as the original's dataset did; `fresh`, `epoch_generator` (a torch.Generator seeded
+    by --seed and the epoch), so that every epoch draws anew."""
+    return random.Random(ORIGINAL_STREAM_SEED) if kind == "original" else epoch_generator
+
+
+def sample_random_negatives(golds, num_entities, num, stream=None):
     """For each gold, `num` entities drawn uniformly without replacement from all but the gold.
 
-    golds: (B,) int64 -> (B, num) int64. Draws from the E - 1 other indices (shifting those at or
-    above the gold by one); rows with a repeat are redrawn whole, which keeps the draw uniform over
-    distinct tuples; when repeats would be common (num^2 > E - 1) a random permutation is cut.
+    golds: (B,) int64 -> (B, num) int64. Draws from the E - 1 other indices and shifts those at or
+    above the gold by one. `stream` a random.Random (random_negative_stream's `original`): one
+    `sample` of range(E - 1) per gold in turn, the very draws of the original's
+    `random.sample(all entities but the gold, num)`. Else a torch.Generator (or None): rows with
+    a repeat are redrawn whole, which keeps the draw uniform over distinct tuples; when repeats
+    would be common (num^2 > E - 1) a random permutation is cut.
+
+    >>> sample_random_negatives(torch.tensor([0, 5]), 10, 3, random.Random(42)).tolist()
+    [[2, 1, 6], [4, 3, 1]]
+    >>> rng = random.Random(42)  # the original's draws: a sample of the list without the gold
+    >>> [rng.sample([e for e in range(10) if e != gold], 3) for gold in (0, 5)]
+    [[2, 1, 6], [4, 3, 1]]
     """
     B, others = golds.shape[0], num_entities - 1
     if num == 0:
         return torch.empty(B, 0, dtype=torch.long)
-    if num * num > others:
-        draws = torch.rand(B, others, generator=generator).argsort(1)[:, :num]
+    if isinstance(stream, random.Random):
+        draws = torch.tensor([stream.sample(range(others), num) for _ in range(B)],
+                             dtype=torch.long)
+    elif num * num > others:
+        draws = torch.rand(B, others, generator=stream).argsort(1)[:, :num]
     else:
-        draws = torch.randint(others, (B, num), generator=generator)
+        draws = torch.randint(others, (B, num), generator=stream)
         while True:
             ordered = draws.sort(1).values
             repeat = (ordered[:, 1:] == ordered[:, :-1]).any(1)
             if not repeat.any():
                 break
-            draws[repeat] = torch.randint(others, (int(repeat.sum()), num), generator=generator)
+            draws[repeat] = torch.randint(others, (int(repeat.sum()), num), generator=stream)
     return draws + (draws >= golds[:, None]).long()
 
 
-def training_candidates(golds, num_entities, num_rands, hard=None, generator=None):
-    """Candidates of a batch (docs/DESIGN.md#negatives): [gold] + fresh random negatives +
-    mined ones.
+def training_candidates(golds, num_entities, num_rands, hard=None, stream=None):
+    """Candidates of a batch (docs/DESIGN.md#negatives): [gold] + random negatives drawn from
+    `stream` (random_negative_stream) + mined ones.
 
     golds: (B,), hard: (B, H) or None -> (B, 1 + num_rands + H) entity indices, gold at 0.
     """
-    parts = [golds[:, None], sample_random_negatives(golds, num_entities, num_rands, generator)]
+    parts = [golds[:, None], sample_random_negatives(golds, num_entities, num_rands, stream)]
     if hard is not None:
         parts.append(hard)
     return torch.cat(parts, 1)
@@ -498,15 +530,15 @@ class GumbelTopK:
 
 @torch.no_grad()
 def encode_vectors(fn, ids, mask, batch_size, device, dtype=None, quiet=True, desc=None):
-    """fn(ids, mask) over batches -> (N, count, d) on `device`, kept in the autocast dtype when
-    mixed precision is on (else float32). The caller puts the model in eval mode."""
+    """fn(ids, mask) over batches, run under autocast to `dtype` (None: float32) -> (N, count, d)
+    float32 on `device`. The caller puts the model in eval mode."""
     out = []
     starts = range(0, ids.shape[0], batch_size)
     for s in progress(starts, desc=desc, disable=quiet or desc is None):
         with autocast(device, dtype):
             vecs = fn(ids[s:s + batch_size].to(device, non_blocking=True),
                       mask[s:s + batch_size].to(device, non_blocking=True))
-        out.append(vecs.to(dtype or torch.float32))
+        out.append(vecs.float())
     return torch.cat(out)
 
 
@@ -535,9 +567,9 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
 
     mention_vecs: (M, m, d) on `device`; entity_ids, entity_mask: (E, L) on the CPU (pinned for
     speed on a GPU), ordered by world, `world_ranges` [(start, end)] per world. Entities are encoded
-    `entity_bsz` at a time with `model.entity_vectors` (chunks never straddle a world), scored with
-    `model.scorer` in blocks of mentions of at most `budget` (default SCORE_BLOCK_ELEMENTS) dot
-    products (M_b x m x E_c x n elements of the vectors' dtype, sums in float32), folded into
+    `entity_bsz` at a time with `model.entity_vectors` under autocast to `dtype` (chunks never
+    straddle a world), scored in float32 with `model.scorer` in blocks of mentions of at most
+    `budget` (default SCORE_BLOCK_ELEMENTS) dot products (M_b x m x E_c x n), folded into
     each consumer (`TopK`, `GumbelTopK`: `update(rows, scores, first, world)`) and dropped.
     When every consumer ranks per world, a chunk is scored against its own world's mentions
     only. `exclude` (M,): an entity per mention whose score is set to -inf (`--exclude_golds`).
@@ -603,18 +635,18 @@ class EpochNegatives:
     """The negatives of one training epoch (see epoch_negatives)."""
     golds: torch.Tensor         # (M,) entity index of each mention's gold
     num_entities: int
-    num_rands: int              # fresh random negatives per mention and visit
+    num_rands: int              # random negatives per mention and visit
     hard: torch.Tensor = None   # (M, H) the mined negatives of every mention, or None
     log_q: torch.Tensor = None  # (M, H) their log-probabilities (hard_adjusted_negative), or None
 
-    def batch(self, mentions, generator, rank=0, world_size=1):
+    def batch(self, mentions, stream, rank=0, world_size=1):
         """The candidates of a batch of mention indices (B,), this process's share of it:
         (own mentions (b,), candidates (b, 1 + C) gold first, log_q (b, C) or None), b = B / P.
-        The random negatives of the whole batch are drawn from `generator`, so that every
-        process draws alike."""
+        The random negatives of the whole batch are drawn from `stream`
+        (random_negative_stream), in the batch's order, so that every process draws alike."""
         cands = training_candidates(self.golds[mentions], self.num_entities, self.num_rands,
                                     None if self.hard is None else self.hard[mentions],
-                                    generator)                            # (B, 1 + C)
+                                    stream)                               # (B, 1 + C)
         own = mentions.tensor_split(world_size)[rank]
         return (own, cands.tensor_split(world_size)[rank],
                 None if self.log_q is None else self.log_q[own])
