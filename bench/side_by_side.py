@@ -73,11 +73,13 @@ def make_world_for_comparison(out_dir, seed=DATA_SEED):
 
 
 def our_commit():
-    """Our checkout's commit, marked `+changes` when its tracked files differ from it."""
+    """The last commit of our checkout that changed anything outside bench/ (what ran), marked
+    `+changes` when tracked files outside bench/ differ from it."""
     git = ["git", "-C", ROOT]
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+    outside = ["--", ".", ":!bench"]
+    head = subprocess.run(git + ["log", "-1", "--format=%h", *outside], capture_output=True,
                           text=True).stdout.strip()
-    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", *outside],
                            capture_output=True, text=True).stdout.strip()
     return head + ("+changes" if dirty else "")
 
@@ -111,10 +113,13 @@ def run_one(mode, seed, args, data, bert):
     wall = time.time() - start
     if proc.returncode != 0:
         sys.exit(f"{mode} seed {seed} failed (status {proc.returncode}): see {folder}/output.txt")
-    if mode == "2021":  # its log line ' test recall@8 :   0.8187| ...' holds a fraction
-        with open(os.path.join(folder, "output.txt")) as f:
+    if mode == "2021":  # its log line " test recall@8 :   0.8187| ..." holds a fraction to 4
+        with open(os.path.join(folder, "output.txt")) as f:  # places: a count of hits again
+            # (exact for fewer than 5,000 test mentions)
             found = re.findall(rf"test recall@{K} :\s*([0-9.]+)", f.read())
-        recall = 100 * float(found[-1])
+        with open(os.path.join(data, "mentions", "test.json")) as f:
+            n = sum(1 for line in f if line.strip())
+        recall = 100 * round(float(found[-1]) * n) / n
     else:
         with open(model + ".results.json") as f:
             recall = json.load(f)["test"][f"recall@{K}"]
