@@ -14,8 +14,8 @@ never ours. Nothing in our code imports this file.
    exit: per epoch, in visit order, the mention's index, its gold's document id, the drawn
    entities' document ids and their positions in the pool of all entities but the gold (the
    numbers `random.sample` picked). The train entities' document ids in the 2021 code's index
-   order come with them. The draws themselves are untouched: `random.sample` is wrapped, not
-   replaced.
+   order come with them, and each epoch's mined hard negatives (entity indices, per mention in
+   file order). The draws themselves are untouched: `random.sample` is wrapped, not replaced.
 """
 import atexit
 import json
@@ -38,13 +38,15 @@ def pad_like_2020():
 
 def record_draws(path):
     """Wrap random.seed and random.sample to log the dataset's draws to `path` at exit."""
-    record = {"entities": None, "epochs": []}
+    record = {"entities": None, "epochs": [], "hard": []}
     seed, sample = random.seed, random.sample
 
     def seed_hook(*args, **kwargs):
         # the dataset re-seeds in its __init__, once per epoch: a new epoch of draws begins
-        if sys._getframe(1).f_code.co_name == "__init__":
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "__init__":
             record["epochs"].append([])
+            record["hard"].append(frame.f_locals.get("candidates"))
         return seed(*args, **kwargs)
 
     def sample_hook(population, k, **kwargs):
