@@ -1,6 +1,6 @@
 """The paper's recipe and its published numbers, in one place: the original's three command lines
 (without paths), the appendix's scorers and shares of hard negatives, Zeshel's sizes, and the
-reference numbers (docs/DESIGN.md#deviations says where ours may differ). `sweep.py` runs them,
+reference numbers (docs/deviations.md says where ours may differ). `sweep.py` runs them,
 `report.py` compares runs with them, `bench.py` and `bench/rehearsal.py` size them."""
 from cli import check_flag
 

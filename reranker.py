@@ -40,7 +40,7 @@ def prepare_candidates(candidates, gold, C, training):
     """One mention's candidates, gold first: the first `C` of `candidates` (best first) with the
     gold moved to index 0. Training: a gold missing from them is put in front and the list keeps
     C candidates in all (the C-th drops out), as the original. Evaluation: None when the gold is
-    missing (the mention leaves the normalized set). See docs/DESIGN.md#candidates.
+    missing (the mention leaves the normalized set). See docs/DESIGN.md#reranker.
 
     >>> prepare_candidates(["a", "b", "g", "c"], "g", 3, training=False)
     ['g', 'a', 'b']
