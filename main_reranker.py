@@ -36,7 +36,7 @@ from cli import (ArgumentParser, add_compatibility_args, add_data_arg, check_fla
 from data_loader import (PRETRAINED, Zeshel, check_encoder, check_positions, load_encoder,
                          load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import ignore_stop_signals, main as cli_main, notice, recorded, recorded_anywhere
+from run_safety import detach_worker, main as cli_main, notice, recorded, recorded_anywhere
 from training import (IGNORED_BY_OPTIMIZER, LossLog, Optimization, TrainingRun,
                       add_training_args, check_training_args, ends_accumulation, gradient_sync,
                       wrap_for_training)
@@ -172,7 +172,7 @@ def loader(dataset, batch_size, args, rt, shuffle, epoch=0):
     and the epoch only, not on --num_workers (so a resumed run repeats it); under torchrun each
     process takes its share of every batch (training) or every W-th mention (evaluation)."""
     common = dict(batch_size=batch_size, collate_fn=reranker.collate, num_workers=args.num_workers,
-                  pin_memory=rt.device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                  pin_memory=rt.device.type == "cuda", worker_init_fn=detach_worker,
                   generator=epoch_generator(args.seed, epoch))
     if rt.distributed and shuffle:
         sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=args.seed)

@@ -61,11 +61,17 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
-def ignore_stop_signals(*_):
-    """In a DataLoader worker (its worker_init_fn): the main process alone handles a stop, then
-    ends its workers, so that a signal to the process group is one line, not a worker's crash."""
+def detach_worker(*_):
+    """A DataLoader worker's worker_init_fn: the main process alone handles a stop, then ends its
+    workers (a signal to the process group is one line, not a worker's crash), and the worker
+    closes its copy of the run's lock, so that the lock ends with the main process (a worker
+    outliving a killed run would hold it)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    for fd, _ in _PROCESS["locks"].values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _PROCESS["locks"].clear()
 
 
 @contextlib.contextmanager
