@@ -26,7 +26,6 @@ by default (TF32 matrix multiplies on a GPU), as the original; mixed precision o
 accepted for the original's command line and does nothing.
 """
 import os
-import signal
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -35,7 +34,7 @@ import reranker
 from data_loader import (PRETRAINED, Zeshel, check_positions, load_encoder,
                          load_tokenizer, pretrained_name, read_candidates)
 from retriever import add_scorer_args, check_scorer_args, nce_loss
-from run_safety import check_candidates_manifest, cli_main, ignored_flag_notices
+from run_safety import check_candidates_manifest, cli_main, detach_worker, ignored_flag_notices
 from training import TrainingRun, add_training_args, check_training_args, start_training
 from utils import (ArgumentParser, add_compatibility_args, add_data_arg, amp_dtype, autocast,
                    check_flag, check_positive, epoch_generator, progress, set_seed, with_runtime)
@@ -142,7 +141,7 @@ def loader(dataset, batch_size, args, rt, shuffle, epoch=0):
     and the epoch only, not on --num_workers (so a resumed run repeats it); under torchrun each
     process takes its share of every batch (training) or every W-th mention (evaluation)."""
     common = dict(batch_size=batch_size, collate_fn=reranker.collate, num_workers=args.num_workers,
-                  pin_memory=rt.device.type == "cuda", worker_init_fn=_worker_leaves_signals,
+                  pin_memory=rt.device.type == "cuda", worker_init_fn=detach_worker,
                   generator=epoch_generator(args.seed, epoch))
     if rt.distributed and shuffle:
         sampler = DistributedSampler(dataset, rt.world_size, rt.rank, shuffle=True, seed=args.seed)
@@ -177,14 +176,6 @@ class Batches:
 
     def __iter__(self):
         yield from self.loader
-
-
-def _worker_leaves_signals(worker_id):
-    """In a DataLoader worker: SIGINT and SIGTERM (a Ctrl-C or a kill reaches the whole process
-    group) end the worker quietly, and the main process alone stops the run in one line
-    (docs/DESIGN.md#run-safety); without this the worker's death added a traceback to it."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: os._exit(0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -509,6 +509,20 @@ def start_run(lock, flag, last=None, folder=None, best=None):
                                                                        signal.SIGINT)}
 
 
+def detach_worker(worker_id=None):
+    """In a process forked from a run, a DataLoader worker (its `worker_init_fn`): close its copy
+    of the run's lock, so that the lock ends with the main process (a worker outlives a killed
+    main process by seconds, and a resumed run found the lock still held), and end quietly on
+    SIGINT and SIGTERM (a Ctrl-C reaches the whole process group), which the main process turns
+    into the run's one-line stop; a worker's non-zero exit added a traceback to it."""
+    lock = _RUN.pop("lock", None)
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            os.close(lock[1])
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: os._exit(0))
+
+
 def end_run():
     """Release the lock and give the signals back their handlers (idempotent)."""
     if "lock" in _RUN:
