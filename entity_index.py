@@ -139,12 +139,13 @@ class Wanted:
 @dataclass
 class Plan:
     """What a call does with an index folder: `reuse` its complete index (manifest) or build one
-    (`bytes` to write, `remove`: an earlier index's files to delete first)."""
+    (`bytes` to write); `message`, what build_index says when it starts (once every check of
+    the run has passed)."""
     folder: str
     wanted: Wanted
     manifest: dict = None
     bytes: int = 0
-    remove: tuple = ()
+    message: str = ""
 
     @property
     def reuse(self):
@@ -197,18 +198,20 @@ def _mismatch(manifest, wanted):
     for key, value in shape.items():
         if manifest[key] != value:
             return (f["max_len"] if key == "max_len" else f["retriever"],
-                    f"holds vectors of {key} {manifest[key]}, not {value}")
+                    f"is an index of vectors of {key} {manifest[key]}, not {value}")
     if wanted.precision != "any" and manifest["encoded_in"] != PRECISIONS[wanted.precision][0]:
         name, flag = PRECISIONS[wanted.precision]
-        return (flag, f"holds entities encoded in {manifest['encoded_in']}, not in {name}")
+        return (flag, f"is an index of entities encoded in {manifest['encoded_in']}, not in "
+                      f"{name}")
     if wanted.dtype is not None and manifest["dtype"] != wanted.dtype:
-        return (f["index_dtype"], f"holds {manifest['dtype']} vectors, not {wanted.dtype}")
+        return (f["index_dtype"], f"is an index of {manifest['dtype']} vectors, not "
+                                  f"{wanted.dtype}")
     return None
 
 
 def plan_index(folder, wanted, overwrite=False, distributed=False):
     """Check the index folder `folder` before any work (module docstring): a Plan, or one line
-    (UserError) naming the flag. Says what it will do (reuse, or build and its size)."""
+    (UserError) naming the flag."""
     index_flag = wanted.flags["index"]
     check_flag(not os.path.exists(folder) or os.path.isdir(folder), index_flag,
                f"{folder} is a file, not a folder")
@@ -217,18 +220,19 @@ def plan_index(folder, wanted, overwrite=False, distributed=False):
     check_flag(not foreign, index_flag, f"{folder} holds other files than an entity index's "
                f"(e.g. {foreign[0] if foreign else ''}); give an empty or new folder")
     present = [n for n in (MANIFEST, VECTORS) if n in names]
+    said = ""
     manifest = read_manifest(folder) if MANIFEST in present else None
     if manifest is not None:
         why = _mismatch(manifest, wanted)
         if why is None:
-            notice(f"reusing the entity index in {folder} ({manifest['entities']['count']} "
-                   f"entities x {manifest['n']} vectors x {manifest['d']}, {manifest['dtype']}, "
-                   f"encoded in {manifest['encoded_in']}: {size_text(manifest['vectors']['bytes'])})")
-            return Plan(folder, wanted, manifest=manifest)
+            return Plan(folder, wanted, manifest=manifest, message=(
+                f"reusing the entity index in {folder} ({manifest['entities']['count']} "
+                f"entities x {manifest['n']} vectors x {manifest['d']}, {manifest['dtype']}, "
+                f"encoded in {manifest['encoded_in']}: {size_text(manifest['vectors']['bytes'])})"))
         if not overwrite:
-            die(f"{why[0]}: the index {folder} {why[1]}; pass --overwrite to rebuild it, or "
-                f"choose another {index_flag}")
-        notice(f"--overwrite: the index {folder} {why[1]}: rebuilding it")
+            die(f"{why[0]}: {folder} {why[1]}; pass --overwrite to rebuild it, or choose "
+                f"another {index_flag}")
+        said = f"--overwrite: {folder} {why[1]}: rebuilding it; "
     elif MANIFEST in present:
         check_flag(overwrite, index_flag, f"{folder} holds an index changed since it was built "
                    f"(or not built by this project): its {MANIFEST} or {VECTORS} differs from "
@@ -236,8 +240,8 @@ def plan_index(folder, wanted, overwrite=False, distributed=False):
     elif VECTORS in present:
         ours = recorded(os.path.join(folder, VECTORS))
         if ours is not None and ours[0].get("tool") == TOOL:
-            notice(f"{folder} holds an incomplete entity index (an interrupted build: no "
-                   f"{MANIFEST}): building it anew")
+            said = (f"{folder} holds an incomplete entity index (an interrupted build: no "
+                    f"{MANIFEST}): building it anew; ")
         else:
             check_flag(overwrite, index_flag, f"{os.path.join(folder, VECTORS)} was not written "
                        f"by this project (or changed since); pass --overwrite to replace it")
@@ -258,8 +262,8 @@ def plan_index(folder, wanted, overwrite=False, distributed=False):
     check_flag(size + (1 << 20) <= free + removed, index_flag,
                f"the entity index needs {what} but {existing} has {size_text(free)} free"
                f"{smaller}; free some space or choose another {index_flag}")
-    notice(f"building the entity index in {folder}: {what} ({size_text(free)} free){smaller}")
-    return Plan(folder, wanted, bytes=size, remove=tuple(present))
+    return Plan(folder, wanted, bytes=size, message=f"{said}building the entity index in "
+                f"{folder}: {what} ({size_text(free)} free){smaller}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +292,7 @@ def build_index(plan, model, tokenizer, device, precision=None, quiet=True):
     run beside this one may have built it meanwhile); an earlier index's manifest is removed
     before anything is written, so that an interrupted build leaves no index a later call would
     use. Returns the EntityIndex."""
+    notice(plan.message)
     if plan.reuse:
         return open_index(plan.folder, plan.manifest)
     wanted, folder = plan.wanted, os.path.abspath(plan.folder)

@@ -71,9 +71,9 @@ def _mention(id_, tokens, start, end, world):
             "world": world, "mention": " ".join(tokens[start:end + 1])}
 
 
-def parse_typed(line, where="stdin:1", id_=None):
+def parse_typed(line, where="stdin:1", first=1):
     """The mentions of a typed line, each marked in [[double brackets]]: parsed mentions (see
-    Linker.parse) whose context is the line without the brackets.
+    Linker.parse) numbered from `first`, whose context is the line without the brackets.
 
     >>> [(m["mention"], m["tokens"]) for m in parse_typed("the [[Zorbik]] knight")]
     [('Zorbik', ['the', 'Zorbik', 'knight'])]
@@ -94,8 +94,7 @@ def parse_typed(line, where="stdin:1", id_=None):
         mention = mark.group(1).split()
         right = MARK.sub(lambda m: m.group(1), line[mark.end():]).split()
         check_flag(mention, where, "an empty [[ ]]: put the mention's words between them")
-        name = id_ if len(marks) == 1 else f"{id_}.{j + 1}"
-        out.append(_mention(name, left + mention + right, len(left),
+        out.append(_mention(first + j, left + mention + right, len(left),
                             len(left) + len(mention) - 1, None))
     return out
 
@@ -173,16 +172,11 @@ class Linker:
             {"index": self.flags["index"], "retriever": self.flags["retriever"],
              "entities": self.flags["entities"], "index_dtype": "--index_dtype",
              "max_len": self.flags["retriever"]})
-        self.plan = plan_index(index, self.wanted, overwrite)
-        self.precision = (PRECISION_NAMES[precision] if precision is not None else
-                          PRECISION_NAMES[self.plan.manifest["encoded_in"]] if self.plan.reuse
-                          else None)
-        self.entity_bsz = entity_bsz or (self.plan.manifest["entity_bsz"] if self.plan.reuse
-                                         else 512)
-        self.reranker = None
+        self.folder, self.overwrite, self.entity_bsz = index, overwrite, entity_bsz
+        self.precision = None if precision is None else PRECISION_NAMES[precision]
+        self.reranker = self.plan = self.index = None
         if reranker is not None:
             self._load_reranker(reranker, reranker_pretrained)
-        self.index = None
         if build:
             self.build()
 
@@ -243,10 +237,22 @@ class Linker:
         self.reranker_tokenizer = tokenizer
         self.L, self.inputmark = args["L"], bool(args.get("inputmark"))
 
+    def check_index(self):
+        """Check the index folder (entity_index.plan_index: reuse, refusal, or a build and its
+        size) before any work; once. The precision and chunk size left unset become the
+        index's."""
+        if self.plan is None:
+            self.plan = plan_index(self.folder, self.wanted, self.overwrite)
+            manifest = self.plan.manifest or {}
+            if self.wanted.precision == "any" and manifest:
+                self.precision = PRECISION_NAMES[manifest["encoded_in"]]
+            self.entity_bsz = self.entity_bsz or manifest.get("entity_bsz", 512)
+        return self.plan
+
     def build(self):
-        """Build the index the checks planned, or open it; once."""
+        """Build the index the checks planned, or open it (saying which); once."""
         if self.index is None:
-            self.index = build_index(self.plan, self.model, self.tokenizer, self.device,
+            self.index = build_index(self.check_index(), self.model, self.tokenizer, self.device,
                                      self.precision, self.quiet)
         return self.index
 
@@ -503,6 +509,7 @@ def main(argv=None):
         rows, sha = read_mention_file(args.mentions)
         mentions = linker.parse(rows)
         linker.check_k(mentions, args.k, "--k")
+    linker.check_index()
     outputs = None
     if args.out:
         outputs = Outputs("link", args.overwrite, flag="--out")
@@ -516,7 +523,7 @@ def main(argv=None):
         outputs.claim({"tool": "link", "flags": parser.defining(args), "inputs": {
             k: {"path": absolute(getattr(args, k, None) or ""), "content": {"sha256": v}}
             for k, v in inputs.items()}}, defaults={a.dest: a.default for a in parser._actions})
-    linker.build()
+    linker.build()  # says what it does with the index, once every check has passed
     if mentions is None:  # a terminal: each line linked as it is typed
         for lineno, text in typed_lines(sys.stdin):
             try:

@@ -19,7 +19,8 @@ Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` 
 mixed precision. Under torchrun each process trains on B / processes mentions of every batch
 (DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
 DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens` and
-`--en_hidden_path` are accepted for the original's command line and do nothing (a notice says so).
+`--en_hidden_path` are accepted for the original's command line and do nothing here (a notice says
+so): training streams the entity vectors; `save_candidates.py --store_en_hiddens` stores them.
 """
 import torch
 
