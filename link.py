@@ -477,6 +477,17 @@ def typed_lines(stream):
             yield lineno, line.rstrip("\n")
 
 
+def typed_mentions(lines, first=1):
+    """The parsed mentions of typed (line number, text) pairs, numbered from `first`; a line
+    without a marked mention stops with one line naming it (stdin:LINE)."""
+    out = []
+    for lineno, text in lines:
+        out += parse_typed(text, f"stdin:{lineno}", first + len(out))
+    for m in out:
+        m["_mention"] = True
+    return out
+
+
 @cli_main
 def main(argv=None):
     parser = build_parser()
@@ -501,7 +512,7 @@ def main(argv=None):
                    "--mentions")
         mentions = None
         if not sys.stdin.isatty():  # piped text: every line checked before any work
-            mentions = linker.parse([text for _, text in typed_lines(sys.stdin)], "stdin")
+            mentions = typed_mentions(typed_lines(sys.stdin))
             check_flag(mentions, "stdin", "no text: type lines with the mention in [[double "
                        "brackets]], or give --mentions")
             linker.check_k(mentions, args.k, "--k")
@@ -525,13 +536,15 @@ def main(argv=None):
             for k, v in inputs.items()}}, defaults={a.dest: a.default for a in parser._actions})
     linker.build()  # says what it does with the index, once every check has passed
     if mentions is None:  # a terminal: each line linked as it is typed
-        for lineno, text in typed_lines(sys.stdin):
+        count = 0
+        for line in typed_lines(sys.stdin):
             try:
-                parsed = linker.parse([text], "stdin")
+                parsed = typed_mentions([line], count + 1)
                 linker.check_k(parsed, args.k, "--k")
-            except UserError as e:
+            except UserError as e:  # say it, and read on
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 continue
+            count += len(parsed)
             for row in linker.link(parsed, args.k):
                 print(json.dumps(row), flush=True)
         return
