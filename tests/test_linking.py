@@ -166,6 +166,29 @@ def test_reranked_linked_gives_main_reranker_test_accuracy(trained, linked):
     assert ours["macro"] == theirs["macro"] and ours["micro"] == theirs["micro"]
     assert sum(correct) > 0 and not all(kept)  # both counts exercised
     assert sum(r["linked"] != p["linked"] for r, p in zip(got, unranked)) > 0  # it reranked
+    # each pair scored as main_reranker.py's evaluation builds and scores it (its candidates,
+    # gold first, of the mentions it keeps)
+    from types import SimpleNamespace
+    from data_loader import Zeshel, load_encoder, load_tokenizer
+    from reranker import FullRanker
+    zeshel = Zeshel(trained["data"], ("test",))
+    args = SimpleNamespace(cands_dir=trained["cands"], C=K, C_eval=K, type_model="full", L=16,
+                           inputmark=True)
+    (rows, kept), _ = main_reranker.split_candidates(args, zeshel, "test", False)
+    dataset, _ = main_reranker.load_split(args, zeshel, load_tokenizer(trained["bert"]), "test",
+                                          False, rows, kept)
+    tokenizer = load_tokenizer(trained["bert"])
+    model = FullRanker(load_encoder(trained["bert"], tokenizer))
+    model.load_state_dict(torch.load(trained["rr"], weights_only=True)["model"])
+    model.eval()
+    doc_ids = zeshel.entities("test").doc_ids
+    for i in range(len(dataset)):
+        m, ids, types, mask = dataset[i]
+        with torch.no_grad():
+            theirs = model(ids[None], types[None], mask[None])[0]
+        ours = {c["document_id"]: c["reranker_score"] for c in got[m]["candidates"]}
+        assert torch.allclose(torch.tensor([ours[doc_ids[e]] for e in rows[m]]), theirs,
+                              atol=1e-4), m
 
 
 def test_blink_rows_typed_text_and_the_python_api_agree(trained, linked, capsys, monkeypatch):
