@@ -14,8 +14,8 @@ built, `--entities` may be left out: the manifest names the files.
 `--mentions`: JSON lines, each a Zeshel mention row (`mention_id`, `context_document_id`,
 `start_index`, `end_index`, `corpus`: the context is that document of `--entities`, and the
 candidates come from the mention's own world, as save_candidates.py ranks them) or a BLINK row
-(`id`, `context_left`, `mention`, `context_right`, optional `world`: ranked over all entities, or
-the named world's). Without it, lines typed on standard input with the mention in [[double
+(`context_left`, `mention`, `context_right`, optional `id` and `world`: ranked over all entities,
+or the named world's; without an id, a mention is numbered by its place in the input). Without it, lines typed on standard input with the mention in [[double
 brackets]] (each pair of brackets is one mention; ranked over all entities).
 
 Output (`--out`, else standard output): one JSON line per mention in input order, `{"id",
@@ -100,7 +100,6 @@ def parse_typed(line, where="stdin:1", first=1):
 
 
 def _id(row, where):
-    check_flag("id" in row, where, "missing field 'id'")
     check_flag(type(row["id"]) is int or _check_type(row["id"], "id"), where,
                f"id must be a non-empty string or an integer, not {json.dumps(row['id'])[:40]}")
     return row["id"]
@@ -257,8 +256,8 @@ class Linker:
 
     def parse(self, rows, source="mentions"):
         """Mentions to link, checked: each row a Zeshel mention row, a BLINK row (module
-        docstring) or a string of typed text with [[marked]] mentions (ids counted from 1 in
-        input order when they have none). A row without its fields, with a span outside its
+        docstring; its `id` may be left out) or a string of typed text with [[marked]] mentions;
+        a mention without an id is numbered by its place in the input, from 1. A row without its fields, with a span outside its
         document or naming an unknown world stops with one line naming `source` and the row
         (file:line for a file's rows). Returns the parsed mentions (dicts)."""
         out = []
@@ -275,7 +274,7 @@ class Linker:
             elif "context_document_id" in row:
                 parsed = [self._zeshel_row(row, where)]
             else:
-                parsed = [self._blink_row(row, where)]
+                parsed = [self._blink_row(row, where, len(out) + 1)]
             for m in parsed:
                 m["_mention"] = True
             out.extend(parsed)
@@ -302,8 +301,8 @@ class Linker:
                    f"context document ({len(tokens)} tokens) or start after they end")
         return _mention(row["mention_id"], tokens, s, e, world)
 
-    def _blink_row(self, row, where):
-        id_ = _id(row, where)
+    def _blink_row(self, row, where, number):
+        id_ = _id(row, where) if "id" in row else number
         check_fields(row, BLINK_FIELDS, where)
         world = row.get("world")
         if world is not None:

@@ -224,6 +224,8 @@ def test_blink_rows_typed_text_and_the_python_api_agree(trained, linked, capsys,
     own = rows_of(out)  # the best of all entities scores at least the best of the own world
     assert all(p["candidates"][0]["retriever_score"] >= o["candidates"][0]["retriever_score"]
                for p, o in zip(api, own))
+    unnamed = linker.link([{k: v for k, v in pooled[1].items() if k != "id"}], k=K)[0]
+    assert unnamed["id"] == 1 and unnamed["candidates"] == api[1]["candidates"]
     scores = linker.link(blink, k=K)
     assert [r["candidates"] for r in scores] == [r["candidates"] for r in rows_of(out)]
 
