@@ -146,6 +146,7 @@ class Plan:
     manifest: dict = None
     bytes: int = 0
     message: str = ""
+    dtype: str = None
 
     @property
     def reuse(self):
@@ -249,7 +250,7 @@ def plan_index(folder, wanted, overwrite=False, distributed=False):
                f"and these entities, and one is built by a single process: build it first "
                f"without torchrun (link.py, or save_candidates.py --store_en_hiddens), then "
                f"every process reads it")
-    dtype = wanted.dtype or wanted.default_dtype
+    dtype = wanted.dtype or (manifest or {}).get("dtype") or wanted.default_dtype
     size = vectors_bytes(len(wanted.entities), wanted.n, wanted.d, dtype)
     existing = folder
     while not os.path.isdir(existing):
@@ -262,8 +263,8 @@ def plan_index(folder, wanted, overwrite=False, distributed=False):
     check_flag(size + (1 << 20) <= free + removed, index_flag,
                f"the entity index needs {what} but {existing} has {size_text(free)} free"
                f"{smaller}; free some space or choose another {index_flag}")
-    return Plan(folder, wanted, bytes=size, message=f"{said}building the entity index in "
-                f"{folder}: {what} ({size_text(free)} free){smaller}")
+    return Plan(folder, wanted, bytes=size, dtype=dtype, message=f"{said}building the entity "
+                f"index in {folder}: {what} ({size_text(free)} free){smaller}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def build_index(plan, model, tokenizer, device, precision=None, quiet=True):
         for name in (MANIFEST, VECTORS):  # the manifest first: no complete index meanwhile
             if os.path.exists(os.path.join(folder, name)):
                 os.unlink(os.path.join(folder, name))
-        dtype = wanted.dtype or wanted.default_dtype
+        dtype = plan.dtype
         description = {"tool": TOOL, "flags": {
             "type_model": wanted.type_model, "n": wanted.n, "d": wanted.d,
             "max_len": wanted.max_len, "encoded_in": PRECISIONS[precision][0], "dtype": dtype},

@@ -243,7 +243,7 @@ def plan_entity_index(args, zeshel, model, sha, precision, rt):
                     {"index": "--en_hidden_path", "retriever": "--model", "entities": "--data_dir",
                      "index_dtype": "--index_dtype", "max_len": "--max_len"})
     plan = plan_index(args.en_hidden_path, wanted, args.overwrite, rt.distributed)
-    used = plan.manifest["dtype"] if plan.reuse else args.index_dtype or "float32"
+    used = plan.manifest["dtype"] if plan.reuse else plan.dtype
     args.index_dtype = None if used == "float32" else used
     return plan
 
