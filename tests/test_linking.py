@@ -374,3 +374,19 @@ def test_mistakes_are_one_line_and_write_nothing(trained, linked, capsys, monkey
     assert sorted(os.listdir(out)) == before
     if case == "foreign files":
         assert os.listdir(out / "index") == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_the_demo_ends_by_linking_two_typed_sentences(trained, linked, capsys):
+    """demo.py's last stage (link.py in a process, fed two typed lines), here on the toy world."""
+    import demo
+    rows = demo.link_typed(str(trained["out"] / "demo"), trained["data"], trained["ret"],
+                           trained["rr"])
+    printed = capsys.readouterr().out
+    lines, golds = demo.typed_sentences(trained["data"])
+    assert [r["id"] for r in rows] == [1, 2] and len(lines) == 2
+    for line, row, gold in zip(lines, rows, golds):
+        assert "[[" in line and line in printed and f"the mention's entity: {gold}" in printed
+        assert len(row["candidates"]) == demo.K and "reranker_score" in row["candidates"][0]
+        assert row["linked"] == row["candidates"][0]["document_id"]
+    assert "| python link.py --retriever" in printed
