@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -145,10 +146,11 @@ class Linker:
     def __init__(self, retriever, index, reranker=None, entities=None, pretrained=None,
                  reranker_pretrained=None, precision=None, index_dtype=None, device=None,
                  entity_bsz=None, mention_bsz=512, rerank_bsz=8, overwrite=False, build=True,
-                 quiet=True, flags=None):
+                 quiet=True):
         self.flags = {"retriever": "--retriever", "reranker": "--reranker", "index": "--index",
                       "entities": "--entities", "pretrained": "--pretrained",
-                      "reranker_pretrained": "--reranker_pretrained", **(flags or {})}
+                      "reranker_pretrained": "--reranker_pretrained"}
+        self._tokens = {}  # (world, document id) -> its whitespace tokens
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.mention_bsz, self.rerank_bsz, self.quiet = mention_bsz, rerank_bsz, quiet
@@ -183,10 +185,8 @@ class Linker:
         flag = self.flags["retriever"]
         state, self.retriever_sha = load_checkpoint(path, flag, "main_retriever",
                                                     ("args", "model"))
-        args = type("Args", (), {})()
-        for name in SHAPE_FLAGS:
-            setattr(args, name, None)
-        args.model, args.pretrained = path, pretrained
+        args = SimpleNamespace(model=path, pretrained=pretrained,
+                               **{name: None for name in SHAPE_FLAGS})
         where = resolve_shape(args, state["args"])
         where = self.flags["pretrained"] if pretrained is not None else where
         check_encoder(args.pretrained, where, loadable=False)
@@ -312,12 +312,6 @@ class Linker:
         check_flag(mention, where, "mention is empty (no words)")
         return _mention(id_, left + mention + right, len(left), len(left) + len(mention) - 1,
                         world)
-
-    @property
-    def _tokens(self):
-        if not hasattr(self, "_token_cache"):
-            self._token_cache = {}
-        return self._token_cache
 
     def check_k(self, mentions, k, flag="k"):
         """Stop unless k is positive and no more than the entities a mention is ranked over."""
