@@ -390,3 +390,22 @@ def test_the_demo_ends_by_linking_two_typed_sentences(trained, linked, capsys):
         assert len(row["candidates"]) == demo.K and "reranker_score" in row["candidates"][0]
         assert row["linked"] == row["candidates"][0]["document_id"]
     assert "| python link.py --retriever" in printed
+
+
+def test_a_float16_index_holds_the_float32_vectors_rounded_and_torchrun_only_reads(trained,
+                                                                                    linked):
+    from cli import UserError
+    half = str(trained["out"] / "index_float16")
+    linker = link.Linker(trained["ret"], half, index_dtype="float16",
+                         entities=os.path.join(trained["data"], "documents"),
+                         entity_bsz=int(CHUNK))
+    full = entity_index.open_index(trained["index"])
+    assert linker.index.vectors.dtype == "float16"
+    assert (linker.index.vectors == full.vectors.astype("float16")).all()
+    assert os.path.getsize(os.path.join(half, entity_index.VECTORS)) * 2 == os.path.getsize(
+        os.path.join(trained["index"], entity_index.VECTORS))
+    # under torchrun every process reads an existing index; none builds one
+    with pytest.raises(UserError, match="without torchrun"):
+        entity_index.plan_index(str(trained["out"] / "index_new"), linker.wanted,
+                                distributed=True)
+    assert entity_index.plan_index(half, linker.wanted, distributed=True).reuse
