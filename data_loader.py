@@ -49,6 +49,17 @@ def _check_type(value, kind):
 KIND_NAMES = {int: "an integer", str: "a string", list: "a list", "id": "a non-empty string"}
 
 
+def check_fields(row, fields, where):
+    """Stop, naming `where` (file:line), unless the JSON object `row` has each field of `fields`
+    ({name: kind}, see _check_type) with a value of its kind."""
+    missing = [k for k in fields if k not in row]
+    if missing:
+        die(f"{where}: missing field {missing[0]!r}")
+    for k, kind in fields.items():
+        if not _check_type(row[k], kind):
+            die(f"{where}: {k} must be {KIND_NAMES[kind]}, not {_short(row[k])}")
+
+
 def read_jsonl(path, fields, flag, key=None, digest=None):
     """Rows of a JSON-lines file. `fields`: {name: kind} (see _check_type); `key`: a field whose
     values must be unique; `digest`: a hashlib object fed the file's bytes. A line that is not
@@ -90,12 +101,7 @@ def read_jsonl(path, fields, flag, key=None, digest=None):
                     except UnicodeEncodeError:
                         die(f"{path}:{lineno}: {k} holds a lone surrogate (an escape \\ud800 to "
                             f"\\udfff without its pair): not Unicode text")
-            missing = [k for k in fields if k not in row]
-            if missing:
-                die(f"{path}:{lineno}: missing field {missing[0]!r}")
-            for k, kind in fields.items():
-                if not _check_type(row[k], kind):
-                    die(f"{path}:{lineno}: {k} must be {KIND_NAMES[kind]}, not {_short(row[k])}")
+            check_fields(row, fields, f"{path}:{lineno}")
             if key is not None:
                 if row[key] in seen:
                     die(f"{path}:{lineno}: duplicate {key} {row[key]!r} (also on line "
@@ -106,6 +112,15 @@ def read_jsonl(path, fields, flag, key=None, digest=None):
     if not rows:
         die(f"{path}: empty file (no JSON lines)")
     return rows
+
+
+def read_documents(path, flag):
+    """A world's document file: ({document_id: {"title", "text"}} in file order, the sha256 of
+    the bytes read)."""
+    docs, digest = OrderedDict(), hashlib.sha256()
+    for row in read_jsonl(path, DOCUMENT_FIELDS, flag, key="document_id", digest=digest):
+        docs[row["document_id"]] = {"title": row["title"], "text": row["text"]}
+    return docs, digest.hexdigest()
 
 
 def freeze_objects():
@@ -186,11 +201,7 @@ class Zeshel:
             if not os.path.isfile(path):
                 first = next(m for ms in self.mentions.values() for m in ms if m["corpus"] == world)
                 die(f"{first['_file']}:{first['_line']}: world {world!r} has no document file {path}")
-            docs, digest = OrderedDict(), hashlib.sha256()
-            for row in read_jsonl(path, DOCUMENT_FIELDS, flag, key="document_id", digest=digest):
-                docs[row["document_id"]] = {"title": row["title"], "text": row["text"]}
-            self.documents[world] = docs
-            self.digests[path] = digest.hexdigest()
+            self.documents[world], self.digests[path] = read_documents(path, flag)
         self._ntokens = {}
         for ms in self.mentions.values():
             for m in ms:

@@ -280,6 +280,7 @@ def main(argv=None):
         "--pretrained", encoder, *RERANKER, quiet=args.quiet)
     report(outputs, out, encoder, kind, runs, load(retriever + ".results.json"),
            load(rr + ".results.json"), began, compare_seconds)
+    link_typed(out, data, retriever, rr)
 
 
 def report(outputs, out, encoder, kind, runs, retriever, reranker, began, compare_seconds):
@@ -318,6 +319,58 @@ def report(outputs, out, encoder, kind, runs, retriever, reranker, began, compar
           "\nno figure: matplotlib is not installed (pip install matplotlib; it is optional)")
     print(f"\nAll runs, logs and results are in {out} (python report.py {out}); summary.json "
           f"holds these numbers. Wall time {wall:.0f} s (the comparison {compare_seconds:.0f} s).")
+
+
+# ----------------------------------------------------------------------------------------------
+# The end: two typed sentences of the demo world linked (link.py, docs/linking.md)
+
+def typed_sentences(data, n=2):
+    """The first test mention of n test worlds as a user would type it: the 5 words before it,
+    the mention in [[double brackets]] and the 6 after (one retriever window); and the title of
+    its entity."""
+    from data_loader import Zeshel
+    z = Zeshel(data, ("test",))
+    firsts = {}
+    for m in z.mentions["test"]:
+        firsts.setdefault(m["corpus"], m)
+    lines, golds = [], []
+    for m in list(firsts.values())[:n]:
+        words, s, e = z.context_tokens(m), m["start_index"], m["end_index"]
+        lines.append(" ".join(words[max(0, s - 5):s] + ["[[" + " ".join(words[s:e + 1]) + "]]"]
+                              + words[e + 1:e + 7]))
+        golds.append(z.documents[m["corpus"]][m["label_document_id"]]["title"])
+    return lines, golds
+
+
+def link_typed(out, data, retriever, reranker):
+    """link.py over two typed sentences, each ranked over all the demo world's entities by the
+    retriever and its top K reranked: the entity index is built in OUT/index (the demo's
+    retriever is new each time: --overwrite). Prints what each sentence links to."""
+    lines, golds = typed_sentences(data)
+    args = ["--retriever", retriever, "--reranker", reranker, "--entities",
+            os.path.join(data, "documents"), "--index", os.path.join(out, "index"), "--k", str(K),
+            "--overwrite", "--quiet"]
+    text = "".join(line + "\n" for line in lines)
+    print("\n$ printf '%s\\n' " + " ".join(map(shlex.quote, lines)) + " | python link.py "
+          + " ".join(map(shlex.quote, args)), flush=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "link.py"), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    proc.stdin.write(text.encode())
+    proc.stdin.close()
+    if run_children([proc])[0] != 0:
+        die("the demo stopped: link.py failed")
+    rows = [json.loads(line) for line in proc.stdout.read().decode().splitlines()]
+    print(f"\n### Two typed sentences, linked (the retriever over all the world's entities, "
+          f"the reranker over its top {K})\n")
+    for line, row, gold in zip(lines, rows, golds):
+        top = row["candidates"][0]
+        by_retriever = max(row["candidates"], key=lambda c: c["retriever_score"])
+        print(f"{line}\n  -> {top['title']} ({top['document_id']}, reranker score "
+              f"{top['reranker_score']:.2f}; the retriever's first: {by_retriever['title']}); "
+              f"the mention's entity: {gold}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ mixed precision. Under torchrun each process trains on B / processes mentions of
 (DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
 DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens`,
 `--en_hidden_path` and `--eval_batchsize` (val and test are ranked in batches of `--mention_bsz`, as
-the original) are accepted for the original's command line and do nothing (a notice says so).
+the original) are accepted for the original's command line and do nothing here (a notice says so):
+training streams the entity vectors; `save_candidates.py --store_en_hiddens` stores them.
 """
 import torch
 

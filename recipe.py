@@ -5,7 +5,8 @@ reference numbers (docs/deviations.md says where ours may differ). `sweep.py` ru
 from cli import check_flag
 
 # The README's command lines (the original's), without paths, without --gpus (the machine's
-# choice) and without --store_en_hiddens / --en_hidden_path (entity vectors are streamed).
+# choice) and without --store_en_hiddens / --en_hidden_path (training streams entity vectors; in
+# save_candidates.py they store a full-Zeshel entity index of about 194 GB: docs/linking.md).
 RETRIEVER = ["--B", "16", "--gradient_accumulation_steps", "2", "--logging_steps", "1000",
              "--k", "64", "--epochs", "4", "--lr", "0.00001", "--num_cands", "64",
              "--type_cands", "mixed_negative", "--cands_ratio", "0.5", "--entity_bsz", "4096",

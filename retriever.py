@@ -22,7 +22,8 @@ share lives here, once:
   softmax(smoothing * scores) through `GumbelTopK`).
 - `stream_scores`: entities are encoded chunk by chunk, scored against every mention, folded into
   running top-k lists (`TopK`, `GumbelTopK`) and dropped. The vectors of a whole entity set are
-  never held, so there is nothing for the original's `--store_en_hiddens` to store.
+  never held; a stored entity index (entity_index.py: the original's `--store_en_hiddens`) can
+  give each chunk's vectors instead.
 - `encode_retriever_split`, `rank_split`, `recall_table`, `ranking_entry`: a split's tensors,
   its rankings and metrics.
 """
@@ -582,7 +583,7 @@ def entity_chunks(world_ranges, chunk_size, rank=0, world_size=1):
 @torch.no_grad()
 def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, consumers, *,
                   entity_bsz, device, dtype=None, exclude=None, rt=None, budget=None,
-                  quiet=True, desc="scoring"):
+                  quiet=True, desc="scoring", vectors=None):
     """Score mentions against a whole entity set without holding its vectors.
 
     mention_vecs: (M, m, d) on `device`; entity_ids, entity_mask: (E, L) on the CPU (pinned for
@@ -594,7 +595,8 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
     When every consumer ranks per world, a chunk is scored against its own world's mentions
     only. `exclude` (M,): an entity per mention whose score is set to -inf (`--exclude_golds`).
     Under torchrun each process scores its contiguous share of the entities and the consumers are
-    merged at the end.
+    merged at the end. `vectors(start, end)`: the chunk's entity vectors (c, n, d) float32 on
+    `device` instead of encoding them (a stored entity index; entity_ids, entity_mask unused).
     """
     world_size, rank = (rt.world_size, rt.rank) if rt is not None else (1, 0)
     if budget is None:
@@ -606,8 +608,9 @@ def stream_scores(model, mention_vecs, entity_ids, entity_mask, world_ranges, co
         exclude = exclude.to(device)
     for start, end, world in progress(entity_chunks(world_ranges, entity_bsz, rank, world_size),
                                       desc=desc, disable=quiet):
-        v = encode_vectors(model.entity_vectors, entity_ids[start:end], entity_mask[start:end],
-                           end - start, device, dtype)                  # (c, n, d)
+        v = (vectors(start, end) if vectors is not None else
+             encode_vectors(model.entity_vectors, entity_ids[start:end], entity_mask[start:end],
+                            end - start, device, dtype))                # (c, n, d)
         rows = all_rows[consumers[0].mention_worlds == world] if per_world else all_rows
         block = max(1, budget // ((end - start) * m * v.shape[1]))
         for r in rows.split(block):
@@ -742,9 +745,10 @@ def encode_retriever_split(tokenizer, zeshel, split, max_len, pin=False, rt=None
 
 @torch.no_grad()
 def rank_split(model, data, k, *, pooled=True, per_world=True, mention_bsz=512, entity_bsz=512,
-               device, dtype=None, rt=None, quiet=True):
+               device, dtype=None, rt=None, quiet=True, vectors=None):
     """Top-k entity indices of every mention of a split, (M, k) each: pooled over all the split's
-    entities (or None) and within the mention's own world (or None), from one streaming pass."""
+    entities (or None) and within the mention's own world (or None), from one streaming pass
+    (`vectors`: stored entity vectors, as stream_scores takes them)."""
     model.eval()
     u = encode_vectors(model.mention_vectors, data.mention_ids, data.mention_mask, mention_bsz,
                        device, dtype, quiet, "mentions")
@@ -756,7 +760,7 @@ def rank_split(model, data, k, *, pooled=True, per_world=True, mention_bsz=512, 
         consumers["per_world"] = TopK(M, k, data.mention_worlds, device=device)
     stream_scores(model, u, data.entity_ids, data.entity_mask, data.world_ranges,
                   list(consumers.values()), entity_bsz=entity_bsz, device=device, dtype=dtype,
-                  rt=rt, quiet=quiet, desc="entities")
+                  rt=rt, quiet=quiet, desc="entities", vectors=vectors)
     return (consumers["pooled"].indices.cpu() if pooled else None,
             consumers["per_world"].indices.cpu() if per_world else None)
 

@@ -61,6 +61,15 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
+def check_stop():
+    """Between the pieces of a long write (an `Outputs.write` callback): a stop signal received
+    meanwhile ends the run now (Stopped; the temporary file is removed), not when the write
+    ends."""
+    if _PROCESS["pending"]:
+        signum, _PROCESS["pending"] = _PROCESS["pending"], None
+        raise Stopped(signum)
+
+
 def detach_worker(*_):
     """A DataLoader worker's worker_init_fn: the main process alone handles a stop, then ends its
     workers (a signal to the process group is one line, not a worker's crash), and the worker
@@ -490,14 +499,22 @@ def _remove_empty(folders):
             os.rmdir(f)  # only when empty
 
 
+def release_lock(path):
+    """Give back the lock `path` (take_lock, Outputs.start) before the run ends: a stage that
+    writes inside a longer run (an entity index built by a linking run)."""
+    fd, made = _PROCESS["locks"].pop(path, (None, ()))
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # while still held: a waiting run then locks a fresh file
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    _remove_empty(made)
+
+
 def _end():
-    for path, (fd, made) in _PROCESS["locks"].items():
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still held: a waiting run then locks a fresh file
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _remove_empty(made)
-    _PROCESS["locks"].clear()
+    for path in list(_PROCESS["locks"]):
+        release_lock(path)
     for s, handler in _PROCESS["handlers"].items():
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(s, handler)

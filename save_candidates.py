@@ -11,8 +11,12 @@ JSON line per mention, `{"mention_id": ..., "candidates": [document ids, best fi
 macro and micro averages (also printed as a table). The model's shape (`--type_model`,
 `--num_*_vecs`, `--*_use_codes`, `--pre_model`, `--max_len`) comes from the checkpoint when the
 flags do not give it; a flag that contradicts the checkpoint stops the run. Float32 by default,
-`--bf16` / `--fp16` for mixed precision. `--store_en_hiddens` and `--en_hidden_path` are accepted
-for the original's command line and do nothing: entity vectors are streamed, never stored.
+`--bf16` / `--fp16` for mixed precision. `--store_en_hiddens --en_hidden_path DIR` stores every
+entity's vectors in DIR, an entity index (entity_index.py, the one link.py uses: all the worlds of
+DATA/documents, memory-mapped, its size said and checked against the free space first), and ranks
+from them: the same candidates (float32 vectors, encoded in the same chunks) without encoding the
+entities again when a matching index is there; `--index_dtype float16` halves the disk, and its
+rounding may move candidates (recorded among the flags).
 The log is `CANDS_DIR/save_candidates.log` (`.log.1`, ... beside an earlier one), created once
 every check passed. The encoder (`--pretrained`, by default the absolute path the checkpoint
 records) must be the one the retriever was trained from: its config and vocabulary are checked.
@@ -26,6 +30,7 @@ from cli import (ArgumentParser, add_compatibility_args, add_data_arg, add_preci
 from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
 from retriever import (TYPE_MODELS, add_scorer_args, check_same_model, check_worlds_hold,
                        encode_retriever_split, load_retriever, rank_split, recall_ks, recall_table)
+from entity_index import INDEX_DTYPES, Wanted, build_index, plan_index, read_entities
 from run_safety import Outputs, load_checkpoint, main as cli_main, notice, on_stop
 from training import absolute, load_weights
 from utils import StageClock, amp_dtype, get_logger, open_log_file, with_runtime
@@ -61,7 +66,15 @@ def build_parser():
                    help="model folder or hub name (default: the checkpoint's, else --pre_model's)")
     add_precision_args(p)
     p.add_argument("--quiet", action="store_true", free=True, help="no progress bars")
-    add_compatibility_args(p, "store_en_hiddens", "en_hidden_path", "seed", "num_workers")
+    p.add_argument("--store_en_hiddens", action="store_true", free=True,
+                   help="store every entity's vectors in --en_hidden_path (an entity index, as "
+                        "link.py's) and rank from them; a matching index there is reused")
+    p.add_argument("--en_hidden_path", free=True,
+                   help="the entity index folder of --store_en_hiddens")
+    p.add_argument("--index_dtype", choices=INDEX_DTYPES, default=None,
+                   help="--store_en_hiddens: the stored vectors' dtype (default: the checkpoint's, "
+                        "float32, or an existing index's); float16 halves the disk")
+    add_compatibility_args(p, "seed", "num_workers")
     p.add_argument("--overwrite", action="store_true", free=True,
                    help="replace files in --cands_dir that another run (or no run of this "
                         "project) wrote")
@@ -125,6 +138,10 @@ def main(argv=None):
     check_flag(args.data_dir, "--data_dir", "the Zeshel folder is required")
     check_flag(args.cands_dir, "--cands_dir", "an output folder is required")
     check_positive(args, "num_cands", "entity_bsz", "mention_bsz")
+    check_flag(args.en_hidden_path or not args.store_en_hiddens, "--store_en_hiddens",
+               "give the entity index folder with --en_hidden_path")
+    check_flag(args.store_en_hiddens or not args.en_hidden_path, "--en_hidden_path",
+               "given without --store_en_hiddens; pass both to store the entity index there")
     outputs = Outputs("save_candidates", args.overwrite,
                       lock=os.path.join(args.cands_dir, "candidates.lock"), flag="--cands_dir")
     for name in [f"candidates_{s}.json" for s in SPLITS] + ["recall.json"]:
@@ -136,17 +153,17 @@ def main(argv=None):
 def save_candidates(args, rt, parser, outputs):
     log = get_logger(os.path.join(args.cands_dir, "save_candidates"), rt.is_main, deferred=True)
     log.info("args: %s", " ".join(f"--{k} {v}" for k, v in parser.recorded(args).items()))
-    written = []
+    written, building = [], []
     on_stop(lambda name: f"stopped by {name} " + (
         f"with the candidates in {args.cands_dir} incomplete ({', '.join(written)} written): run "
         f"save_candidates.py again" if written else
-        f"before it changed the candidates in {args.cands_dir}"))
+        f"while building the entity index in {args.en_hidden_path} (left incomplete: the next "
+        f"run builds it anew), before it changed the candidates in {args.cands_dir}"
+        if any(building) else f"before it changed the candidates in {args.cands_dir}"))
     clock = StageClock(log)  # one log line per stage: time, peak memory, bytes written
     quiet = args.quiet or not rt.is_main
     state, sha = load_checkpoint(args.model, "--model", "main_retriever", ("args", "model"))
     pretrained_flag = resolve_shape(args, state["args"])
-    for line in notices(args, parser):
-        log.info("notice: %s", line)
     device, dtype = rt.device, amp_dtype(args.fp16, args.bf16, rt.device, log, args.fp32)
     check_encoder(args.pretrained, pretrained_flag, loadable=False)
     zeshel = Zeshel(args.data_dir, SPLITS)
@@ -159,6 +176,12 @@ def save_candidates(args, rt, parser, outputs):
     check_trained_encoder(state, fingerprint, args.pretrained, pretrained_flag)
     load_weights(model, state["model"], args.model, "--model")
     check_positions(model.mention_encoder, args.max_len, "--max_len")
+    plan = index = None
+    if args.store_en_hiddens:
+        plan = plan_entity_index(args, zeshel, model, sha, dtype, rt)
+    for line in notices(args, parser, [("index_dtype", lambda a: not a.store_en_hiddens,
+                                        lambda a: "no --store_en_hiddens: nothing is stored")]):
+        log.info("notice: %s", line)
     description = {"tool": "save_candidates", "flags": parser.defining(args), "inputs": {
         "model": {"path": absolute(args.model), "content": {"sha256": sha}},
         "data_dir": {"path": absolute(args.data_dir), "content": zeshel.fingerprint()},
@@ -170,6 +193,11 @@ def save_candidates(args, rt, parser, outputs):
     open_log_file(log)  # every check passed
     model.to(device)
     clock.lap("model")
+    if plan is not None:
+        building.append(not plan.reuse)
+        index = build_index(plan, model, tokenizer, device, dtype, quiet)
+        building.clear()
+        clock.lap("entity index" + (" (reused)" if plan.reuse else ""))
     ks, recalls = recall_ks(args.num_cands), {}
     for split in SPLITS:
         data = encode_retriever_split(tokenizer, zeshel, split, args.max_len,
@@ -177,7 +205,8 @@ def save_candidates(args, rt, parser, outputs):
         clock.lap(f"tokenization, {split}")
         _, ranked = rank_split(model, data, args.num_cands, pooled=False,
                                mention_bsz=args.mention_bsz, entity_bsz=args.entity_bsz,
-                               device=device, dtype=dtype, rt=rt, quiet=quiet)
+                               device=device, dtype=dtype, rt=rt, quiet=quiet,
+                               vectors=index and index.vectors_for(data.entities, device))
         clock.lap(f"ranking, {split}")
         recalls[split] = recall_table(ranked, data.golds, data.mention_worlds,
                                       data.entities.worlds, ks)
@@ -195,6 +224,28 @@ def save_candidates(args, rt, parser, outputs):
         outputs.write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
+
+
+def plan_entity_index(args, zeshel, model, sha, precision, rt):
+    """--store_en_hiddens: the entity index of every world of DATA/documents in
+    --en_hidden_path, checked before any work (entity_index.plan_index: reused, refused, or built
+    with its size checked). Sets --index_dtype to the dtype ranked from when it is not float32
+    (the run's record says so; float32 ranks as streaming does)."""
+    entities = read_entities(os.path.join(args.data_dir, "documents"), "--data_dir")
+    for path, digest in zeshel.digests.items():
+        world = os.path.splitext(os.path.basename(path))[0]
+        if os.path.basename(os.path.dirname(path)) == "documents":
+            check_flag(entities.digests.get(world) == digest, "--data_dir",
+                       f"{path} changed while it was read; run again")
+    wanted = Wanted({"path": absolute(args.model), "sha256": sha}, entities, args.type_model,
+                    model.n, model.mention_encoder.config.hidden_size, args.max_len, precision,
+                    args.index_dtype, "float32", args.entity_bsz,
+                    {"index": "--en_hidden_path", "retriever": "--model", "entities": "--data_dir",
+                     "index_dtype": "--index_dtype", "max_len": "--max_len"})
+    plan = plan_index(args.en_hidden_path, wanted, args.overwrite, rt.distributed)
+    used = plan.manifest["dtype"] if plan.reuse else plan.dtype
+    args.index_dtype = None if used == "float32" else used
+    return plan
 
 
 if __name__ == "__main__":

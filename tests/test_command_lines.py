@@ -53,8 +53,7 @@ FROM_CHECKPOINT = None
 EXCEPTIONS = {
     "main_retriever": {"num_hards": COMPATIBILITY, "num_workers": COMPATIBILITY,
                        "store_en_hiddens": COMPATIBILITY, "eval_batchsize": COMPATIBILITY},
-    "save_candidates": {"seed": COMPATIBILITY, "num_workers": COMPATIBILITY,
-                        "store_en_hiddens": COMPATIBILITY, **{
+    "save_candidates": {"seed": COMPATIBILITY, "num_workers": COMPATIBILITY, **{
                             flag: FROM_CHECKPOINT for flag in (
                                 "pre_model", "type_model", "num_mention_vecs", "num_entity_vecs",
                                 "mention_use_codes", "entity_use_codes", "max_len")}},
