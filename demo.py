@@ -181,9 +181,38 @@ def pipeline_table(rows):
     return "\n".join(lines)
 
 
+def summary_problem(summary):
+    """What in a summary.json is not as the demo writes it (the parts `plot` draws), or None."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    c = summary.get("comparison")
+    if not isinstance(c, dict) or not isinstance(c.get("seeds"), int) or c["seeds"] < 1:
+        return "comparison.seeds is not a count of seeds"
+    if not all(number(c.get(k)) for k in ("margin", "spread")):
+        return "comparison.margin or .spread is not a number"
+    arms = c.get("arms")
+    if not isinstance(arms, dict) or set(arms) != set(LABELS):
+        return f"comparison.arms are not {' and '.join(LABELS)}"
+    for name, arm in arms.items():
+        per_seed = arm.get("recall@1_per_seed") if isinstance(arm, dict) else None
+        if not (isinstance(per_seed, list) and len(per_seed) == c["seeds"]
+                and all(map(number, per_seed)) and number(arm.get("recall@1"))):
+            return f"comparison.arms.{name} does not hold recall@1 for each seed"
+    rows = (summary.get("pipeline") or {}).get("rows") if isinstance(summary.get("pipeline"),
+                                                                     dict) else None
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 5 and isinstance(r[0], str)
+            and all(map(number, r[1:])) for r in rows)):
+        return "pipeline.rows is not a list of [world, 4 numbers]"
+    if not isinstance(summary.get("reranker_encoder_kind"), str):
+        return "reranker_encoder_kind is not a name"
+    return None
+
+
 def plot(summary, path, outputs):
-    """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world.
-    Returns the path, or None when matplotlib is not installed (it is optional)."""
+    """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world,
+    written through `outputs` (run_safety.Outputs). Returns the path, or None when matplotlib is
+    not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")

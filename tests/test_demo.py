@@ -9,6 +9,7 @@ import pytest
 
 import demo
 from conftest import run_script
+from run_safety import Outputs
 from data_loader import Zeshel
 from toy_world import DEMO_WORLDS, make_demo_world
 
@@ -106,8 +107,11 @@ def test_figure(tmp_path):
                          "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
     rows = [["w1", 99.0, 90.0, 98.0, 99.0], ["w2", 100.0, 94.0, 97.0, 97.0],
             ["macro average", 99.5, 92.0, 97.5, 98.0]]
-    path = demo.plot({"comparison": c, "pipeline": {"rows": rows},
-                      "reranker_encoder_kind": "MiniLM"}, str(tmp_path / "demo.png"))
+    summary = {"comparison": c, "pipeline": {"rows": rows}, "reranker_encoder_kind": "MiniLM"}
+    assert demo.summary_problem(summary) is None
+    outputs = Outputs("demo", flag="--out")
+    outputs.add(str(tmp_path / "demo.png"))
+    path = demo.plot(summary, str(tmp_path / "demo.png"), outputs)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -154,7 +158,8 @@ def test_report_plot_draws_the_demos_figure(tmp_path):
                    "reranker_encoder_kind": "MiniLM"}, f)
     with open(run_dir / "m.pt.results.json", "w") as f:  # a retriever run, for the usual figures
         json.dump({"k": 4, "val": [{"epoch": 1, "recall@4": 99.0, "accuracy": 90.0}],
-                   "test": {"recall@4": 99.0, "accuracy": 90.0, "per_world": {}}}, f)
+                   "test": {"epoch": 1, "recall@4": 99.0, "accuracy": 90.0,
+                            "per_world": {}}}, f)
     report.main([str(run_dir), "--plot", str(tmp_path / "fig")])
     assert "demo.png" in os.listdir(tmp_path / "fig")
     with open(tmp_path / "fig" / "demo.png", "rb") as f:
