@@ -93,8 +93,8 @@ def world_outputs(out_dir, worlds, overwrite=False):
         outputs.add(os.path.join(out_dir, "data", "mentions", f"{split}.json"))
     for name in BERT_FILES:
         outputs.add(os.path.join(out_dir, "bert", name))
-    outputs.start().claim({"tool": "toy_world"})
-    return outputs
+    outputs.claim({"tool": "toy_world"})  # before anything is made: a refusal leaves no folder
+    return outputs.start()
 
 
 class Text:
