@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser, check_flag, die
+from cli import ArgumentParser, check_flag, check_range, die
 from run_safety import Outputs, main as cli_main
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
@@ -393,11 +393,8 @@ def check_args(args):
             ("num_negatives", 1, None, ""), ("monte_carlo", 1, None, ""), ("steps", 1, None, ""),
             ("batch_size", 1, None, ""),
             ("threads", 0, os.cpu_count() or 1, ", the cores of this machine"),
-            ("seed", -2 ** 63, 2 ** 64 - 1, ", torch's seeds")]:
-        value = getattr(args, flag)
-        check_flag(value >= lowest and (highest is None or value <= highest), f"--{flag}",
-                   f"must be at least {lowest}" + (f" and at most {highest}{why}" if highest
-                                                   else "") + f" (got {value})")
+            ("seed", -2 ** 63, 2 ** 64 - 1, ", torch.manual_seed's range")]:
+        check_range(getattr(args, flag), f"--{flag}", lowest, highest, why)
     check_flag(args.dim == -1 or args.dim >= 1, "--dim",
                f"must be -1 (free logits) or at least 1 (got {args.dim})")
     check_flag(args.support == -1 or 1 <= args.support <= args.num_labels, "--support",
