@@ -125,10 +125,9 @@ def test_figure(tmp_path):
                                          "local encoder folder: BERT, RoBERTa, ...)"),
     (["--seeds", "3"], "error: unrecognized arguments: --seeds 3"),
 ])
-def test_user_errors_are_one_line(tmp_path, args, message):
-    out = run_script("demo.py", "--out", tmp_path / "d", *args)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [message]
+def test_user_errors_are_one_line(tmp_path, args, message, capfd):
+    code, lines, _ = run_in_process("demo.py", ["--out", str(tmp_path / "d"), *args], capfd)
+    assert assert_refused(code, lines, [], [tmp_path], [{}]) == message
 
 
 def tiny_model(folder, kind):

@@ -303,6 +303,7 @@ def test_plot_without_matplotlib_is_one_line_and_exit_2(tmp_path, monkeypatch, c
     assert_refused(code, lines, ["--plot", "matplotlib"], [tmp_path], [{}])
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback():
     r = run_script("gradient_bias.py", "--num_negatives", "-3")
     assert r.returncode == 2
