@@ -74,11 +74,11 @@ class Run:
             if path == self.last:
                 resumable = True
             else:
-                done = self.last is None or test_entry(data)
+                done = self.last is None or has_test(data)
         return "done" if done else "resume" if resumable else "run"
 
 
-def test_entry(data):
+def has_test(data):
     """Whether a training run's results file (bytes) holds its test evaluation."""
     try:
         return isinstance(json.loads(data.decode("utf-8")).get("test"), dict)
