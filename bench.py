@@ -20,16 +20,16 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
 import torch
 
 from recipe import RERANKER, RETRIEVER, SCORERS, ZESHEL, value
-from cli import die
-from run_safety import atomic_write, main as cli_main
+from cli import ArgumentParser, check_flag, die
+from run_safety import Outputs, main as cli_main, run_child
 from utils import autocast
 
 # The paper recipe's sizes (recipe.py: the original's command lines; max_len, C and L are the
@@ -250,14 +250,18 @@ def bench_scoring_path(cfg, path, dtype_name, device):
 
 
 def bench_scoring_in_child(size, path, dtype_name, device_name, entity_scale=1):
-    """Run one scoring path in a fresh process (for a clean peak-memory reading)."""
+    """Run one scoring path in a fresh process (for a clean peak-memory reading); a stop signal
+    is passed on to it (run_safety.run_child)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--sizes", size,
            "--device", str(device_name),
            "--_scoring_child", f"{path}:{dtype_name}:{entity_scale}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = run_child(cmd, stdout=out, stderr=err, text=True)
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            return {"error": (err.read().strip().splitlines() or ["failed"])[-1]}
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def check_streaming_equals_full(cfg, device):
@@ -612,23 +616,47 @@ def print_table(res):
     print("\n".join(lines))
 
 
+def bench_device(name):
+    """The torch device of --device (default: cuda when available, else cpu): one line, before
+    any work, for a name torch does not know, a kind this benchmark does not measure (it times
+    and reads memory on CUDA and CPU only) or a GPU that is not there."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        die(f"--device: {name} is not a device name (cpu, cuda or cuda:N)")
+    check_flag(device.type in ("cpu", "cuda"), "--device",
+               f"{name}: this benchmark measures cpu and cuda devices only")
+    if device.type == "cuda":
+        check_flag(torch.cuda.is_available(), "--device", f"{name}: no CUDA device is available")
+        check_flag(device.index is None or device.index < torch.cuda.device_count(), "--device",
+                   f"{name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 @cli_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", choices=sorted(SIZES), default=None,
                         help="small (CPU, a minute) or zeshel (GPU); default: by device")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="encoders' autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--linking", action="store_true",
                         help="only the linking figures (link.py, its entity index; MiniLM at the "
                              "recipe's windows: a few minutes on a CPU)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a file at --out that an earlier bench.py did not write")
     parser.add_argument("--_scoring_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda: no CUDA device is available")
+    device = bench_device(args.device)
+    outputs = Outputs("bench", args.overwrite, flag="--out")
+    if args.out and not args._scoring_child:  # checked before any work
+        outputs.add(args.out)
+        outputs.claim({"tool": "bench"})  # an earlier bench's file is replaced, no one else's
     size = args.sizes or ("zeshel" if device.type == "cuda" else "small")
     cfg = SIZES[size]
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -651,7 +679,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as work:
             res.update(bench_linking(work))
         print_linking(res)
-        return write_results(res, args.out)
+        return write_results(res, args.out, outputs)
     print("tokenization ...", file=sys.stderr)
     res["tokenization"] = bench_tokenization(cfg)
 
@@ -691,14 +719,13 @@ def main(argv=None):
                               "bert-base FLOPs at the rates measured here on a small model: "
                               "a CPU estimate, not a GPU figure")
     print_table(res)
-    return write_results(res, args.out)
+    return write_results(res, args.out, outputs)
 
 
-def write_results(res, path):
-    """The figures as JSON at `path` (when given)."""
+def write_results(res, path, outputs):
+    """The figures as JSON at `path` (when given), through `outputs` (checked before any work)."""
     if path:
-        text = (json.dumps(res, indent=2) + "\n").encode()
-        atomic_write(path, lambda f: f.write(text))
+        outputs.start().write_json(res, path)
         print(f"wrote {path}")
     return 0
 

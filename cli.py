@@ -30,6 +30,15 @@ def check_flag(condition, flag, message):
         die(f"{flag}: {message}")
 
 
+def check_range(value, flag, lowest=None, highest=None, why=""):
+    """Stop with one line unless lowest <= value <= highest (None: no bound); `why` says what
+    sets the bounds (", torch.manual_seed's range")."""
+    if (lowest is not None and value < lowest) or (highest is not None and value > highest):
+        bounds = " and ".join(b for b in (lowest is not None and f"at least {lowest}",
+                                          highest is not None and f"at most {highest}") if b)
+        die(f"{flag}: must be {bounds}{why} (got {value})")
+
+
 def check_positive(args, *flags):
     """Stop with one line on the first of these flags whose value is not > 0."""
     for flag in flags:

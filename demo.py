@@ -23,9 +23,10 @@ import subprocess
 import sys
 import time
 
+from recipe import value
 from toy_world import make_demo_world
-from cli import ArgumentParser, die
-from run_safety import Outputs, main as cli_main, recorded, run_children
+from cli import ArgumentParser, check_flag, die
+from run_safety import Outputs, main as cli_main, on_stop, recorded, run_children
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = 4  # candidates per mention and recall@k: a name's 4 bearers
@@ -55,12 +56,13 @@ MODEL_SUFFIXES = ("", ".last", ".log", ".results.json")
 
 
 def demo_outputs(out, overwrite):
-    """The demo's own files (summary.json, demo.png), checked (run_safety.Outputs); and the files
-    its runs will write (the runs check them again): any of them there must be this project's,
-    unless `overwrite`."""
+    """The demo's own files (summary.json, demo.png), checked and claimed (run_safety.Outputs;
+    not started: nothing is made yet); and the files its runs will write (the runs check them
+    again): any of them there must be this project's, unless `overwrite`."""
     outputs = Outputs("demo", overwrite, flag="--out")
     for name in ("summary.json", "demo.png"):
         outputs.add(os.path.join(out, name))
+    outputs.claim({"tool": "demo"})
     models = [os.path.join(out, "compare", f"{name}_seed{seed}.pt") for name in NEGATIVES
               for seed in range(1, SEEDS + 1)] + [os.path.join(out, "reranker.pt")]
     runs = [m + s for m in models for s in MODEL_SUFFIXES] + [
@@ -70,7 +72,17 @@ def demo_outputs(out, overwrite):
                 and recorded(path) is None:
             die(f"--out: {path} was not written by this project; pass --overwrite to replace it, "
                 f"or choose another --out")
-    return outputs.start()
+    return outputs
+
+
+def check_reranker_encoder(name):
+    """Stop in one line, before any work, unless `name` (--pretrained) can serve as the
+    reranker's encoder: an encoder (not a decoder nor an encoder-decoder: data_loader's rule),
+    its tokenizer and every weight loadable, windows of the reranker's --L through it."""
+    from data_loader import check_encoder, check_positions, load_encoder, load_tokenizer
+    check_encoder(name, "--pretrained")
+    encoder = load_encoder(name, load_tokenizer(name, "--pretrained"), "--pretrained")
+    check_positions(encoder, value(RERANKER, "--L", int), "--pretrained")
 
 
 def start(script, *args, quiet=False, alone=True):
@@ -181,9 +193,38 @@ def pipeline_table(rows):
     return "\n".join(lines)
 
 
+def summary_problem(summary):
+    """What in a summary.json is not as the demo writes it (the parts `plot` draws), or None."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    c = summary.get("comparison")
+    if not isinstance(c, dict) or not isinstance(c.get("seeds"), int) or c["seeds"] < 1:
+        return "comparison.seeds is not a count of seeds"
+    if not all(number(c.get(k)) for k in ("margin", "spread")):
+        return "comparison.margin or .spread is not a number"
+    arms = c.get("arms")
+    if not isinstance(arms, dict) or set(arms) != set(LABELS):
+        return f"comparison.arms are not {' and '.join(LABELS)}"
+    for name, arm in arms.items():
+        per_seed = arm.get("recall@1_per_seed") if isinstance(arm, dict) else None
+        if not (isinstance(per_seed, list) and len(per_seed) == c["seeds"]
+                and all(map(number, per_seed)) and number(arm.get("recall@1"))):
+            return f"comparison.arms.{name} does not hold recall@1 for each seed"
+    rows = (summary.get("pipeline") or {}).get("rows") if isinstance(summary.get("pipeline"),
+                                                                     dict) else None
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, list) and len(r) == 5 and isinstance(r[0], str)
+            and all(map(number, r[1:])) for r in rows)):
+        return "pipeline.rows is not a list of [world, 4 numbers]"
+    if not isinstance(summary.get("reranker_encoder_kind"), str):
+        return "reranker_encoder_kind is not a name"
+    return None
+
+
 def plot(summary, path, outputs):
-    """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world.
-    Returns the path, or None when matplotlib is not installed (it is optional)."""
+    """DIR/demo.png: test recall@1 per seed of both arms, and the pipeline per test world,
+    written through `outputs` (run_safety.Outputs). Returns the path, or None when matplotlib is
+    not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -251,13 +292,17 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace files in --out that an earlier demo did not write")
     args = parser.parse_args(argv)
-    if args.pretrained is not None and not os.path.isdir(args.pretrained):
-        die(f"--pretrained: {args.pretrained} is not a folder (a local BERT-family model folder)")
+    if args.pretrained is not None:
+        check_flag(os.path.isdir(args.pretrained), "--pretrained", f"{args.pretrained} is not a "
+                   f"folder (a local encoder folder: BERT, RoBERTa, ...)")
+        check_reranker_encoder(args.pretrained)
     began = time.time()
     out = os.path.abspath(args.out)
     outputs = demo_outputs(out, args.overwrite)  # run safety: only the demo's own files
-    outputs.claim({"tool": "demo"})
+    on_stop(lambda name: f"stopped by {name}: the demo's runs were stopped after the files they "
+            f"were writing; run the demo again for a fresh one")
     data, bert = make_demo_world(os.path.join(out, "world"), overwrite=args.overwrite)
+    outputs.start()
     encoder = args.pretrained or pretrained_encoder()
     kind = "given" if args.pretrained else "MiniLM" if encoder else "tiny BERT"
     encoder = encoder or bert

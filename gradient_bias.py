@@ -28,7 +28,11 @@ batched log-softmax gives all the NCE losses and one backward pass their gradien
 
 As the original, every run also pickles `(entropy, records)` to `--pickle` (default `cukes.p` in the
 current folder), which the original's plot.py reads; an existing file there that is not such a
-pickle is refused, and `--pickle ''` writes none.
+pickle is refused, and `--pickle ''` writes none. The pickle is known as this experiment's by its
+content (`is_experiment_pickle`), not by a record beside it: its default home is the user's
+working folder, and a `cukes.p` of the original's main.py is the same experiment's file. `--out`
+and the figures are recorded in their folder's record (run_safety.Outputs): a file there that an
+earlier run of this script did not write is refused unless `--overwrite`.
 """
 
 import json
@@ -43,8 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser
-from run_safety import _check_writable as check_output_file, atomic_write, main as cli_main
+from cli import ArgumentParser, check_flag, check_range, die
+from run_safety import Outputs, main as cli_main
 
 # Rows of the (rows, N) weight matrix sampled at once: bounds the memory of `draw_negatives`
 # to about 64 MB of float32 whatever N and monte_carlo are.
@@ -180,6 +184,8 @@ def measure(model, p, gold, num_negatives, monte_carlo, replacement, loss_fn=nce
     """
     params = [q for q in model.parameters() if q.requires_grad]
     logits = model()  # (N,)
+    if not torch.isfinite(logits).all():
+        die("--lr: the model diverged (its scores are no longer finite numbers); lower --lr")
     xent = cross_entropy(logits, p)
     grad_xent = gradient(xent, params)
     record = {"xent": xent.item(), "rand": None, "hard": None}  # the original's key order
@@ -284,8 +290,11 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def plot(result, folder):
-    """Draw gradient_bias_loss.png and gradient_bias_bias.png into `folder`; returns their paths."""
+FIGURES = ("gradient_bias_loss.png", "gradient_bias_bias.png")
+
+
+def plot(result, folder, outputs):
+    """Draw FIGURES into `folder` through `outputs` (run_safety.Outputs); returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -295,10 +304,10 @@ def plot(result, folder):
     paths = []
     wide = {"linewidth": 4, "alpha": 0.4}  # the cross-entropy under the hard NCE line it meets
     figures = [
-        ("gradient_bias_loss.png", "loss",
+        (FIGURES[0], "loss",
          [("xent", "cross-entropy", wide), ("rand", "random NCE", {}), ("hard", "hard NCE", {})],
          False),
-        ("gradient_bias_bias.png", "gradient bias  ||grad CE - grad NCE||",
+        (FIGURES[1], "gradient bias  ||grad CE - grad NCE||",
          [("diff_rand", "random negatives", {}), ("diff_hard", "hard negatives", {})], True),
     ]
     for name, ylabel, lines, log in figures:
@@ -314,7 +323,7 @@ def plot(result, folder):
         ax.legend()
         fig.tight_layout()
         path = os.path.join(folder, name)
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        outputs.write(path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -356,49 +365,97 @@ def parse_args(argv=None):
                              "machine make the run several times slower")
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing but errors (no progress bar, no table)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files at --out and --plot that an earlier run of this "
+                             "script did not write, and a --pickle file of anything else")
     args = parser.parse_args(argv)
-
-    for flag, lowest in [("num_labels", 2), ("num_negatives", 1), ("monte_carlo", 1),
-                         ("steps", 1), ("batch_size", 1), ("threads", 0)]:
-        if getattr(args, flag) < lowest:
-            parser.error(f"--{flag} must be at least {lowest}, got {getattr(args, flag)}")
-    if args.dim == 0 or args.dim < -1:
-        parser.error(f"--dim must be -1 (free logits) or at least 1, got {args.dim}")
-    if args.support == 0 or args.support < -1 or args.support > args.num_labels:
-        parser.error(f"--support must be -1 (all labels) or between 1 and --num_labels "
-                     f"({args.num_labels}), got {args.support}")
-    for flag in ["temp", "lr"]:
-        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
-            parser.error(f"--{flag} must be a positive number, got {getattr(args, flag)}")
-    if not args.replacement and args.num_negatives >= args.num_labels:
-        parser.error(f"--num_negatives ({args.num_negatives}) must be below --num_labels "
-                     f"({args.num_labels}) to draw distinct negatives other than the gold; "
-                     "use --replacement to draw with replacement")
-    for flag in ("out", "pickle"):  # before the experiment runs: a folder, or a read-only one
-        path = getattr(args, flag)
-        folder = os.path.dirname(os.path.abspath(path or "."))
-        if path and not os.path.isdir(folder):
-            parser.error(f"--{flag}: folder {folder} does not exist")
-        if path:
-            check_output_file(path, f"--{flag}")
-    if args.pickle and os.path.lexists(args.pickle) and not is_experiment_pickle(args.pickle):
-        parser.error(f"--pickle: {args.pickle} exists and is not a pickle of this experiment; "
-                     "move it, or give --pickle another path ('' for none)")
+    check_args(args)
+    outputs(args)  # every output checked writable before any work
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-        try:
-            os.makedirs(args.plot, exist_ok=True)
-        except OSError as error:
-            parser.error(f"--plot: cannot make the folder {args.plot}: {error.strerror}")
+            die("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     return args
+
+
+# torch.multinomial draws from at most this many categories
+MAX_LABELS = 2 ** 24
+
+
+def check_args(args):
+    """Every numeric flag within the range the experiment can run with, before any work: one
+    line naming the first that is not. Floats must hold as float32 numbers (the experiment
+    computes in float32: --temp 1e-300 is 0 there), and the whole run must fit in this machine's
+    memory (memory_needed)."""
+    for flag, lowest, highest, why in [
+            ("num_labels", 2, MAX_LABELS, ", torch.multinomial's limit"),
+            ("num_negatives", 1, None, ""), ("monte_carlo", 1, None, ""), ("steps", 1, None, ""),
+            ("batch_size", 1, None, ""),
+            ("threads", 0, os.cpu_count() or 1, ", the cores of this machine"),
+            ("seed", -2 ** 63, 2 ** 64 - 1, ", torch.manual_seed's range")]:
+        check_range(getattr(args, flag), f"--{flag}", lowest, highest, why)
+    check_flag(args.dim == -1 or args.dim >= 1, "--dim",
+               f"must be -1 (free logits) or at least 1 (got {args.dim})")
+    check_flag(args.support == -1 or 1 <= args.support <= args.num_labels, "--support",
+               f"must be -1 (all labels) or between 1 and --num_labels ({args.num_labels}) "
+               f"(got {args.support})")
+    for flag in ("temp", "lr"):
+        value = getattr(args, flag)
+        as_float32 = torch.tensor(value, dtype=torch.float32).item()
+        check_flag(value > 0 and as_float32 > 0 and math.isfinite(as_float32), f"--{flag}",
+                   f"must be a positive number that float32 holds (got {value})")
+    check_flag(args.replacement or args.num_negatives < args.num_labels, "--num_negatives",
+               f"({args.num_negatives}) must be below --num_labels ({args.num_labels}) to draw "
+               f"distinct negatives other than the gold; use --replacement to draw with "
+               f"replacement")
+    needed, available = memory_needed(args), physical_memory()
+    check_flag(available is None or needed <= available, "--num_labels",
+               f"{args.num_labels} labels with --dim {args.dim}, --batch_size {args.batch_size} "
+               f"and --monte_carlo {args.monte_carlo} need about {needed / 2 ** 30:.1f} GiB, "
+               f"more than this machine's {(available or 0) / 2 ** 30:.1f} GiB")
+
+
+def memory_needed(args):
+    """Bytes the run holds at its peak, roughly (float32 values, int64 indices): the scorer's
+    parameters with their gradients and Adam's two moments, the training batch's (B, N)
+    log-softmax and its gradient, and per sampler the (G, mc, K) negatives and the
+    (G, mc, 1 + K) scores with their log-softmax and gradient (G: the labels with p(y) > 0),
+    and the chunks the negatives are drawn from (SAMPLE_ELEMENTS)."""
+    n, d = args.num_labels, args.dim
+    params = n if d == -1 else d + d * d + d + d * n + n
+    draws = (n if args.support == -1 else args.support) * args.monte_carlo
+    per_sampler = 8 * draws * args.num_negatives + 3 * 4 * draws * (1 + args.num_negatives)
+    return 4 * 4 * params + 2 * 4 * args.batch_size * n + 2 * per_sampler + 4 * SAMPLE_ELEMENTS
+
+
+def physical_memory():
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def outputs(args):
+    """The run's files (run_safety.Outputs), each checked writable: --out (JSON), --pickle
+    (owned by its content, is_experiment_pickle) and the --plot figures. One file named by two
+    of them stops the run."""
+    planned = Outputs("gradient_bias", args.overwrite, flag="--out")
+    if args.out:
+        planned.add(args.out, "--out")
+    if args.pickle:
+        planned.add(args.pickle, "--pickle", own=is_experiment_pickle)
+    for name in FIGURES if args.plot else ():
+        planned.add(os.path.join(args.plot, name), "--plot")
+    return planned
 
 
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
+    files = outputs(args)
+    files.claim({"tool": "gradient_bias"})  # an earlier run's files are replaced, no one else's
     result = run(args)
     say = (lambda *a, **k: None) if args.quiet else print  # --quiet: nothing but errors
     say(format_table(result))
@@ -409,15 +466,15 @@ def main(argv=None):
         line += (f", {timing['reference_loop']:.2f} s per-label loop on the same draws "
                  f"(speed-up x{timing['speedup']:.0f}, median per step)")
     say(line)
+    files.start()
     if args.out:
-        text = json.dumps(result, indent=1).encode()
-        atomic_write(args.out, lambda f: f.write(text))
+        files.write_json(result, args.out)
         say(f"wrote {args.out}")
     if args.pickle:
-        atomic_write(args.pickle, lambda f: pickle.dump(pickled(result), f))  # plot.py reads it
+        files.write(args.pickle, lambda f: pickle.dump(pickled(result), f))  # plot.py reads it
         say(f"wrote {args.pickle}")
     if args.plot:
-        for path in plot(result, args.plot):
+        for path in plot(result, args.plot, files):
             say(f"wrote {path}")
 
 

@@ -1,6 +1,7 @@
 """The paper's recipe and its published numbers, in one place: the original's three command lines
 (without paths), the appendix's scorers and shares of hard negatives, Zeshel's sizes, and the
-reference numbers (docs/deviations.md says where ours may differ). `sweep.py` runs them,
+reference numbers (docs/deviations.md says where ours may differ), and BLINK's bi-encoder as
+these scripts' flags (the peer the paper compares with). `sweep.py` runs them,
 `report.py` compares runs with them, `bench.py` and `bench/rehearsal.py` size them."""
 from cli import check_flag
 
@@ -26,6 +27,28 @@ SCORERS = {"dual": ["--type_model", "dual", "--num_mention_vecs", "1", "--num_en
                        "--num_entity_vecs", "128"]}
 HARD_SHARES = (0, 25, 50, 75, 100)  # p: share of hard negatives among --num_cands, %
 
+# BLINK's Zeshel bi-encoder (Wu et al. 2020), its published example (examples/zeshel in BLINK:
+# train_biencoder.py --learning_rate 1e-05 --num_train_epochs 5 --max_context_length 128
+# --max_cand_length 128 --train_batch_size 128 --eval_batch_size 64 --bert_model
+# bert-large-uncased --type_optimization all_encoder_layers) as main_retriever.py flags: a dual
+# encoder (one [CLS]-position vector each side), each mention's negatives the other golds of its
+# batch of 128, one optimizer step per batch; warm-up 0.1, decay 0.01, clipping 1.0 and epsilon
+# 1e-6 are BLINK's defaults as well as ours, given here so that the line says them.
+# docs/DESIGN.md#blink says which parts map exactly and which do not.
+BLINK = ["--type_model", "dual", "--num_mention_vecs", "1", "--num_entity_vecs", "1",
+         "--type_cands", "in_batch", "--B", "128", "--gradient_accumulation_steps", "1",
+         "--lr", "1e-5", "--epochs", "5", "--max_len", "128", "--pretrained", "bert-large-uncased",
+         "--warmup_proportion", "0.1", "--weight_decay", "0.01", "--clip", "1.0",
+         "--adam_epsilon", "1e-6", "--k", "64", "--logging_steps", "1000", "--entity_bsz", "4096",
+         "--mention_bsz", "200"]
+
+# The encoders of the recipes, as results.json records an encoder (report.py notes a run whose
+# encoder is another)
+ENCODERS = {"bert-base-uncased": {"model_type": "bert", "hidden_size": 768,
+                                  "num_hidden_layers": 12, "vocab_size": 30522},
+            "bert-large-uncased": {"model_type": "bert", "hidden_size": 1024,
+                                   "num_hidden_layers": 24, "vocab_size": 30522}}
+
 # The full Zeshel set (docs/DESIGN.md#data)
 ZESHEL = {"train_mentions": 49275, "train_entities": 332632, "train_worlds": 8,
           "val_mentions": 10000, "val_entities": 89549, "val_worlds": 4,
@@ -39,6 +62,17 @@ PAPER_VAL_RECALL = {  # the appendix: val recall@64 by scorer and p (HARD_SHARES
     "sum_max": (92.51, 94.13, 94.66, 94.37, 94.54)}
 PEER_RECALL = [("BLINK bi-encoder", 82.06), ("MuVER", 89.69)]
 PEER_ACCURACY = {"base": 61.34, "large": 63.03}  # BLINK cross-encoder, unnormalized macro
+
+
+def retriever_flags(scorer, p):
+    """The retriever's command line of the appendix's cell (scorer, p% hard negatives); the
+    main table's retriever is retriever_flags("sum_max", 50).
+
+    >>> flags = retriever_flags("dual", 25)
+    >>> value(flags, "--cands_ratio"), value(flags, "--type_model"), flags.count("--cands_ratio")
+    ('0.75', 'dual', 1)
+    """
+    return merge(RETRIEVER, SCORERS[scorer] + ["--cands_ratio", f"{(100 - p) / 100:g}"])
 
 
 def split_flags(tokens):

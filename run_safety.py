@@ -287,12 +287,22 @@ class Outputs:
     def __init__(self, tool, overwrite=False, lock=None, flag="--model", resumable=False):
         self.tool, self.overwrite, self.lock, self.flag = tool, overwrite, lock, flag
         self.resumable = resumable
-        self.files, self.made, self.description = {}, [], None
+        self.files, self.made, self.description, self.owned = {}, [], None, {}
 
-    def add(self, path, flag=None, role=None):
+    def add(self, path, flag=None, role=None, own=None):
+        """Plan the output `path` (named by `flag`). `own(path) -> bool`: for a file in a format
+        that says whose it is (the original's pickle), whether an existing file there is this
+        tool's by its content; such a file is written without a record. Two outputs of one run
+        naming the same file stop the run."""
         flag = flag or self.flag
         _check_writable(path, flag)
-        self.files[os.path.abspath(path)] = (flag, role)
+        key = os.path.abspath(path)
+        if key in self.files:
+            die(f"{flag}: {path} is also the run's {self.files[key][0]} file; give each output "
+                f"its own path")
+        self.files[key] = (flag, role)
+        if own is not None:
+            self.owned[key] = own
         return path
 
     def start(self):
@@ -327,6 +337,10 @@ class Outputs:
         for path, (flag, role) in self.files.items():
             if not os.path.lexists(path) or self.overwrite:
                 continue
+            if path in self.owned:
+                check_flag(self.owned[path](path), flag, f"{path} exists and is not a file of "
+                           f"{self.tool}; pass --overwrite to replace it, or choose another {flag}")
+                continue
             got = recorded(path, (read or {}).get(path))
             if got is None or got[0].get("role") != role or got[0].get("tool") != self.tool:
                 what = ("was not written by this project" if got is None else
@@ -351,7 +365,8 @@ class Outputs:
         role = self.files.get(os.path.abspath(path), (None, role))[1]
         with deferred_signals():
             written = atomic_write(path, write, needed)
-            record_file(path, written, self.tool, self.description, role)
+            if os.path.abspath(path) not in self.owned:
+                record_file(path, written, self.tool, self.description, role)
         return written
 
     def write_json(self, obj, path):

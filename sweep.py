@@ -2,61 +2,112 @@
 
     python sweep.py paper --data_dir ZESHEL --out runs/paper        # the three steps
     python sweep.py appendix --data_dir ZESHEL --out runs/appendix  # 3 scorers x 5 shares of hard
+    python sweep.py blink --data_dir ZESHEL --out runs/blink        # BLINK's bi-encoder
     python sweep.py appendix ... --dry_run                          # print the command lines only
     python sweep.py appendix ... --only dual_p0 sum_max_p50 -- --fp16   # some runs; extra flags
+    python sweep.py paper ... --seeds 1 2 3                         # every run once per seed
 
 Each recipe expands into command lines of `main_retriever.py`, `save_candidates.py` and
-`main_reranker.py` with the values of the paper (the README's command lines); `--data_dir`,
-`--pretrained` and every flag after `--` (or any flag sweep.py does not know) are passed on to each
-run whose script takes it, in place of the recipe's value of that flag. With
-`--nproc_per_node N` each run goes under `torchrun --standalone --nproc_per_node N`.
+`main_reranker.py` with the values of recipe.py; `--data_dir`, `--pretrained` and every flag after
+`--` (or any flag sweep.py does not know) are passed on to each run whose script takes it, in place
+of the recipe's value of that flag. With `--nproc_per_node N` each run goes under `torchrun
+--standalone --nproc_per_node N`. With `--seeds S1 S2 ...` the recipe runs once per seed, in
+OUT/seed<S>/, with `--seed S` for each script whose runs it defines.
 
-A run whose results are complete (`<model>.results.json` with a "test" entry; `recall.json` for the
-candidates) is skipped; one that stopped after a saved epoch (`<model>.last`) is continued with
-`--resume_training`. `OUT/sweep.json` records each run's command line: a finished or interrupted
-run is never continued under other flags (the sweep stops and names it). At the end the tables of
-`report.py --paper` are printed for OUT.
+A run is known by the flags recorded in its own files (the record of its folder, run_safety): one
+whose flags are those the sweep would pass (as the script's own parser reads the command line) is
+skipped when finished (its results hold the test evaluation; recall.json for the candidates) and
+continued with `--resume_training` when it stopped after a saved epoch; one recorded with other
+flags, or a file there that this project did not write, stops the sweep in one line naming the run
+and the flag, before any run starts. The sweep holds OUT/sweep.lock while it runs: a second sweep
+into the same OUT is refused at once. A stop signal (Ctrl-C, SIGTERM, SIGHUP) is passed on to the
+run in progress, which ends after the file it is writing; running the same sweep again continues
+it. At the end the tables of `report.py --paper` are printed for OUT.
 """
-import contextlib
-import io
+import importlib
 import json
 import os
-import re
 import shlex
-import subprocess
 import sys
 
-from recipe import CANDIDATES, HARD_SHARES, RERANKER, RETRIEVER, SCORERS, merge, split_flags
 from cli import ArgumentParser, check_flag, die
-from run_safety import atomic_write, main as cli_main
+from recipe import BLINK, CANDIDATES, HARD_SHARES, RERANKER, SCORERS, merge, retriever_flags, \
+    split_flags
+from run_safety import Outputs, main as cli_main, on_stop, read_hashed, recorded, run_child
+from training import absolute
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-
 class Run:
-    """One command line of a recipe: `script` with `args`; resumable when `last` exists (None:
-    the script cannot resume). Done when `done_file` exists and, for a training run (one with
-    `last`), holds the test evaluation (save_candidates.py writes recall.json after the
-    candidates)."""
+    """One command line of a recipe: `script` with `args`. Done when `done_file` is this
+    project's and, for a training run (one with `last`, its saved state), holds the test
+    evaluation; resumable when `last` is this project's. `label`: its name in the sweep's lines
+    (seed<S>/<name> with --seeds)."""
 
     def __init__(self, name, script, args, done_file, last=None):
-        self.name, self.script, self.args = name, script, args
+        self.name, self.label, self.script, self.args = name, name, script, args
         self.done_file, self.last = done_file, last
 
-    def done(self):
-        if not os.path.isfile(self.done_file):
-            return False
-        if self.last is None:
-            return True
-        try:
-            with open(self.done_file) as f:
-                return json.load(f).get("test") is not None
-        except (OSError, ValueError, AttributeError):
-            return False
+    def parser(self):
+        return importlib.import_module(self.script[:-len(".py")]).build_parser()
 
-    def resumable(self):
-        return self.last is not None and os.path.isfile(self.last)
+    def state(self):
+        """"run" (nothing of it yet, or unfinished with nothing to resume), "done" or "resume",
+        from the run's files; stops in one line when one of them is not this project's (or
+        changed since written) or holds a run with other flags than these (`differences`)."""
+        done = resumable = False
+        for path in (self.done_file, self.last):
+            if path is None or not os.path.lexists(path):
+                continue
+            data, sha = read_hashed(path, self.label) if path == self.done_file else (None, None)
+            got = recorded(path, sha)
+            tool = self.script[:-len(".py")]
+            if got is None or got[1] is None or got[0].get("tool") != tool:
+                die(f"{self.label}: {path} was not written by a run of {self.script} (or changed "
+                    f"since); remove it, or choose another --out")
+            differ = differences(self.parser(), self.args, got[1])
+            if differ:
+                flag, old, new = differ
+                die(f"{self.label}: {path} holds a run with --{flag} {old}, and the sweep gives "
+                    f"--{flag} {new}; remove that run's files, or choose another --out")
+            if path == self.last:
+                resumable = True
+            else:
+                done = self.last is None or has_test(data)
+        return "done" if done else "resume" if resumable else "run"
+
+
+def has_test(data):
+    """Whether a training run's results file (bytes) holds its test evaluation."""
+    try:
+        return isinstance(json.loads(data.decode("utf-8")).get("test"), dict)
+    except (ValueError, AttributeError):
+        return False
+
+
+def differences(parser, argv, description):
+    """The first (flag, recorded value, value now) on which a recorded run (`description`, as
+    run_safety records it) differs from the run `argv` gives, read by the script's own `parser`;
+    None when it does not. A defining flag the run records counts as its default where absent;
+    one the command line leaves at a default of None is the script's to decide (save_candidates
+    reads the model's shape from the checkpoint) and matches any; an input given by path must be
+    the path recorded."""
+    args = parser.parse_args(argv)
+    now, was = parser.defining(args), description.get("flags") or {}
+    defaults = {a.dest: a.default for a in parser._actions}
+    for flag in sorted(set(now) | set(was)):
+        new, old = now.get(flag, defaults.get(flag)), was.get(flag, defaults.get(flag))
+        if new is None and defaults.get(flag) is None:
+            continue
+        if old != new:
+            return flag, old, new
+    for flag in sorted(parser.paths):
+        given = getattr(args, flag, None)
+        old = ((description.get("inputs") or {}).get(flag) or {}).get("path")
+        if given is not None and old is not None and absolute(given) != old:
+            return flag, old, absolute(given)
+    return None
 
 
 def model_run(name, script, model, args):
@@ -68,7 +119,7 @@ def paper_runs(out, data_dir):
     retriever's best checkpoint), the cross-encoder reranker on them (a new checkpoint path)."""
     retriever, cands = os.path.join(out, "retriever.pt"), os.path.join(out, "cands")
     return [model_run("retriever", "main_retriever.py", retriever,
-                      ["--data_dir", data_dir] + RETRIEVER + SCORERS["sum_max"]),
+                      ["--data_dir", data_dir] + retriever_flags("sum_max", 50)),
             Run("candidates", "save_candidates.py",
                 ["--model", retriever, "--data_dir", data_dir, "--cands_dir", cands] + CANDIDATES,
                 os.path.join(cands, "recall.json")),
@@ -78,26 +129,25 @@ def paper_runs(out, data_dir):
 
 def appendix_runs(out, data_dir):
     """15 retrievers: dual / multi-vector (8 entity vectors) / sum-of-max at p = 0..100% hard."""
-    runs = []
-    for scorer, shape in SCORERS.items():
-        for p in HARD_SHARES:
-            name = f"{scorer}_p{p}"
-            ratio = ["--cands_ratio", f"{(100 - p) / 100:g}"]
-            runs.append(model_run(name, "main_retriever.py", os.path.join(out, name + ".pt"),
-                                  merge(["--data_dir", data_dir] + RETRIEVER, shape + ratio)))
-    return runs
+    return [model_run(f"{scorer}_p{p}", "main_retriever.py",
+                      os.path.join(out, f"{scorer}_p{p}.pt"),
+                      ["--data_dir", data_dir] + retriever_flags(scorer, p))
+            for scorer in SCORERS for p in HARD_SHARES]
 
 
-RECIPES = {"paper": paper_runs, "appendix": appendix_runs}
+def blink_runs(out, data_dir):
+    """BLINK's Zeshel bi-encoder (recipe.BLINK): a dual encoder with in-batch negatives."""
+    return [model_run("blink", "main_retriever.py", os.path.join(out, "blink.pt"),
+                      ["--data_dir", data_dir] + BLINK)]
+
+
+RECIPES = {"paper": paper_runs, "appendix": appendix_runs, "blink": blink_runs}
 
 
 def script_flags(script):
-    """The option names `script` accepts, read from its own --help."""
-    module = __import__(script[:-len(".py")])
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        module.parse_args(["--help"])
-    return set(re.findall(r"(?<![\w-])--\w+", text.getvalue())) - {"--help"}
+    """The option names `script` accepts, from its own parser."""
+    parser = Run("", script, [], "").parser()
+    return {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
 
 
 def add_extras(runs, extras):
@@ -111,6 +161,16 @@ def add_extras(runs, extras):
                    f"no script of this recipe takes it ({', '.join(sorted(accepted))})")
     for run in runs:
         run.args = merge(run.args, [t for g in groups if g[0] in accepted[run.script] for t in g])
+
+
+def seeded(runs, seed):
+    """`runs` with --seed `seed` for each script whose parser records it (the scripts that draw
+    at random; save_candidates takes --seed only for the original's command line)."""
+    for run in runs:
+        parser = run.parser()
+        if "seed" in parser.defining(parser.parse_args([])):
+            run.args = merge(run.args, ["--seed", str(seed)])
+    return runs
 
 
 def command(run, nproc):
@@ -128,22 +188,16 @@ def shown(run, nproc, resume=False):
     return head + run.script + " " + " ".join(shlex.quote(a) for a in args)
 
 
-def check_recorded(record, run):
-    """Stop when a run that has begun (outputs on disk) was recorded with another command line."""
-    before = record.get(run.name)
-    if before is not None and before != run.args and (run.done() or run.resumable()):
-        die(f"{run.name}: its outputs in the --out folder come from other flags "
-            f"({shlex.join(before)}); remove them or use another --out")
-
-
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Flags after -- (or unknown ones) go to every run.")
+                       epilog="Flags after -- (or unknown ones) go to every run.")
     p.add_argument("recipe", choices=sorted(RECIPES))
     p.add_argument("--data_dir", help="Zeshel folder (required)")
     p.add_argument("--out", help="folder for the runs' checkpoints, logs and results (required)")
     p.add_argument("--pretrained", help="encoder folder or hub name, for every run")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the recipe")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="run the recipe once per seed, in OUT/seed<SEED>/")
     p.add_argument("--nproc_per_node", type=int, default=1,
                    help="processes per run (torchrun --standalone); 1: plain python")
     p.add_argument("--dry_run", action="store_true", help="print the command lines and stop")
@@ -153,21 +207,31 @@ def parse_args(argv=None):
     check_flag(args.out, "--out", "a folder for the runs is required")
     check_flag(args.nproc_per_node >= 1, "--nproc_per_node",
                f"must be 1 or more (got {args.nproc_per_node})")
+    check_flag(not args.seeds or len(set(args.seeds)) == len(args.seeds), "--seeds",
+               f"a seed is given twice ({' '.join(map(str, args.seeds or []))})")
     return args
 
 
 def expand(args):
-    """The recipe's runs, with --only, --pretrained and the extra flags applied."""
+    """The recipe's runs (per seed with --seeds), with --only, --pretrained and the extra flags
+    applied."""
     out, data_dir = os.path.abspath(args.out), os.path.abspath(args.data_dir)
-    runs = RECIPES[args.recipe](out, data_dir)
-    if args.only:
-        names = [r.name for r in runs]
-        for name in args.only:
-            check_flag(name in names, "--only", f"{args.recipe} has no run {name} "
-                       f"(its runs: {' '.join(names)})")
-        runs = [r for r in runs if r.name in args.only]
     extras = (["--pretrained", args.pretrained] if args.pretrained else []) + args.extras
-    add_extras(runs, extras)
+    runs = []
+    for seed in args.seeds or [None]:
+        folder = out if seed is None else os.path.join(out, f"seed{seed}")
+        these = RECIPES[args.recipe](folder, data_dir)
+        if args.only:
+            names = [r.name for r in these]
+            for name in args.only:
+                check_flag(name in names, "--only", f"{args.recipe} has no run {name} "
+                           f"(its runs: {' '.join(names)})")
+            these = [r for r in these if r.name in args.only]
+        add_extras(these, extras)
+        if seed is not None:
+            for run in seeded(these, seed):
+                run.label = f"seed{seed}/{run.name}"
+        runs += these
     return runs
 
 
@@ -181,34 +245,27 @@ def main(argv=None):
         return 0
     check_flag(os.path.isdir(args.data_dir), "--data_dir", f"{args.data_dir} is not a folder")
     out = os.path.abspath(args.out)
-    record_path = os.path.join(out, "sweep.json")
-    record = {}
-    if os.path.isfile(record_path):
-        try:
-            with open(record_path) as f:
-                record = json.load(f)
-        except ValueError:
-            die(f"{record_path}: not a readable JSON file")
-    for run in runs:
-        check_recorded(record, run)
+    Outputs("sweep", flag="--out", lock=os.path.join(out, "sweep.lock")).start()
+    for run in runs:  # every run's files checked before any run starts
+        run.state()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for i, run in enumerate(runs, 1):
-        if run.done():
-            print(f"[{i}/{len(runs)}] {run.name}: finished already, skipped", flush=True)
+        state = run.state()
+        if state == "done":
+            print(f"[{i}/{len(runs)}] {run.label}: finished already, skipped", flush=True)
             continue
-        resume = run.resumable()
-        print(f"[{i}/{len(runs)}] {run.name}{' (resumed)' if resume else ''}\n"
+        resume = state == "resume"
+        print(f"[{i}/{len(runs)}] {run.label}{' (resumed)' if resume else ''}\n"
               f"$ {shown(run, args.nproc_per_node, resume)}", flush=True)
-        record[run.name] = run.args
-        text = json.dumps(record, indent=2).encode()
-        atomic_write(record_path, lambda f: f.write(text))
-        argv = command(run, args.nproc_per_node) + (["--resume_training"] if resume else [])
-        code = subprocess.run(argv, env=env).returncode
+        on_stop(lambda name, run=run: f"stopped by {name}: {run.label} was stopped after the "
+                f"file it was writing; running the same sweep again continues it")
+        code = run_child(command(run, args.nproc_per_node)
+                         + (["--resume_training"] if resume else []), env=env)
         if code != 0:
-            die(f"{run.name} failed (exit status {code}); its log is beside its checkpoint, and "
+            die(f"{run.label} failed (exit status {code}); its log is beside its checkpoint, and "
                 f"running the same sweep again continues from its last saved epoch")
-        if not run.done():
-            die(f"{run.name} ended without its results ({run.done_file}); see its log")
+        if run.state() != "done":
+            die(f"{run.label} ended without its results ({run.done_file}); see its log")
     import report
     print()
     report.main([out, "--paper"])

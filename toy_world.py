@@ -93,8 +93,8 @@ def world_outputs(out_dir, worlds, overwrite=False):
         outputs.add(os.path.join(out_dir, "data", "mentions", f"{split}.json"))
     for name in BERT_FILES:
         outputs.add(os.path.join(out_dir, "bert", name))
-    outputs.start().claim({"tool": "toy_world"})
-    return outputs
+    outputs.claim({"tool": "toy_world"})  # before anything is made: a refusal leaves no folder
+    return outputs.start()
 
 
 class Text:
@@ -401,7 +401,7 @@ def main(argv=None):
 
 
 def _main(argv=None):
-    from cli import ArgumentParser
+    from cli import ArgumentParser, check_range
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write data/ and bert/ into (what is there "
                                         "already is replaced only when an earlier toy_world.py "
@@ -415,6 +415,7 @@ def _main(argv=None):
     parser.add_argument("--demo", action="store_true",
                         help="instead of the toy world, the demo's world of confusable siblings")
     args = parser.parse_args(argv)
+    check_range(args.seed, "--seed", 0, 2 ** 64 - 1, ", what numpy and torch seed with")
     if args.demo:
         if args.zeshel_scale is not None:
             parser.error("--demo and --zeshel_scale: give one of them")

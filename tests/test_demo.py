@@ -3,12 +3,17 @@ user errors, and (slow) the whole `demo.py` run showing mixed hard negatives ahe
 import filecmp
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 
 import pytest
 
 import demo
-from conftest import run_script
+from conftest import ROOT, SCRIPT_ENV, assert_refused, run_in_process, run_script, tree
+from run_safety import Outputs
 from data_loader import Zeshel
 from toy_world import DEMO_WORLDS, make_demo_world
 
@@ -106,21 +111,71 @@ def test_figure(tmp_path):
                          "mixed": results([91.25, 88.75, 89.0], [100, 100, 100])})
     rows = [["w1", 99.0, 90.0, 98.0, 99.0], ["w2", 100.0, 94.0, 97.0, 97.0],
             ["macro average", 99.5, 92.0, 97.5, 98.0]]
-    path = demo.plot({"comparison": c, "pipeline": {"rows": rows},
-                      "reranker_encoder_kind": "MiniLM"}, str(tmp_path / "demo.png"))
+    summary = {"comparison": c, "pipeline": {"rows": rows}, "reranker_encoder_kind": "MiniLM"}
+    assert demo.summary_problem(summary) is None
+    outputs = Outputs("demo", flag="--out")
+    outputs.add(str(tmp_path / "demo.png"))
+    path = demo.plot(summary, str(tmp_path / "demo.png"), outputs)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--pretrained", "/no/such/folder"], "error: --pretrained: /no/such/folder is not a folder (a "
-                                         "local BERT-family model folder)"),
+                                         "local encoder folder: BERT, RoBERTa, ...)"),
     (["--seeds", "3"], "error: unrecognized arguments: --seeds 3"),
 ])
-def test_user_errors_are_one_line(tmp_path, args, message):
-    out = run_script("demo.py", "--out", tmp_path / "d", *args)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [message]
+def test_user_errors_are_one_line(tmp_path, args, message, capfd):
+    code, lines, _ = run_in_process("demo.py", ["--out", str(tmp_path / "d"), *args], capfd)
+    assert assert_refused(code, lines, [], [tmp_path], [{}]) == message
+
+
+def tiny_model(folder, kind):
+    """A tiny random model of `kind` saved in `folder` (its weights and config, no tokenizer
+    files), as a user's --pretrained folder might hold one."""
+    import transformers
+    configs = {"gpt2": transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64),
+               "t5": transformers.T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                           d_kv=8, vocab_size=64),
+               "bert": transformers.BertConfig(num_hidden_layers=1, hidden_size=16,
+                                               num_attention_heads=2, intermediate_size=32,
+                                               vocab_size=64)}
+    model = transformers.AutoModel.from_config(configs[kind])
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("gpt2", ["--pretrained", "gpt2", "decoder"]),
+    ("t5", ["--pretrained", "t5", "encoder-decoder"]),
+    ("bert", ["--pretrained", "tokenizer"]),  # no tokenizer files: cannot serve
+])
+def test_a_pretrained_that_cannot_serve_is_refused_before_any_work(kind, words, tmp_path, capfd):
+    """demo.py --pretrained naming a decoder, an encoder-decoder or a folder the reranker could
+    not load stops in one line before the demo makes anything (its world, its runs)."""
+    folder = tiny_model(str(tmp_path / "model"), kind)
+    before = tree(tmp_path)
+    code, lines, _ = run_in_process("demo.py", ["--out", str(tmp_path / "d"), "--pretrained",
+                                                folder], capfd)
+    assert_refused(code, lines, words, [tmp_path], [before])
+
+
+def test_an_encoder_that_serves_passes_the_check(world):
+    _, bert, _ = world
+    demo.check_reranker_encoder(bert)  # no error: the demo world's tiny BERT serves
+
+
+def test_files_in_out_that_the_demo_did_not_write_are_refused_before_any_work(tmp_path, capfd):
+    out = tmp_path / "d"
+    for name in ("summary.json", "demo.png", "compare/mixed_seed2.pt.results.json",
+                 "world/data/mentions/train.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the user's own")
+        before = tree(tmp_path)
+        code, lines, _ = run_in_process("demo.py", ["--out", str(out)], capfd)
+        assert_refused(code, lines, [os.path.basename(name), "--overwrite"], [tmp_path],
+                       [before])
+        (out / name).unlink()
 
 
 @pytest.mark.slow
@@ -154,8 +209,48 @@ def test_report_plot_draws_the_demos_figure(tmp_path):
                    "reranker_encoder_kind": "MiniLM"}, f)
     with open(run_dir / "m.pt.results.json", "w") as f:  # a retriever run, for the usual figures
         json.dump({"k": 4, "val": [{"epoch": 1, "recall@4": 99.0, "accuracy": 90.0}],
-                   "test": {"recall@4": 99.0, "accuracy": 90.0, "per_world": {}}}, f)
+                   "test": {"epoch": 1, "recall@4": 99.0, "accuracy": 90.0,
+                            "per_world": {}}}, f)
     report.main([str(run_dir), "--plot", str(tmp_path / "fig")])
     assert "demo.png" in os.listdir(tmp_path / "fig")
     with open(tmp_path / "fig" / "demo.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def children(pid):
+    """The process ids of `pid`'s children (Linux /proc)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_demo_stops_its_runs_and_leaves_nothing_training(tmp_path, signum):
+    """SIGTERM (a scheduler) or SIGHUP (a closed terminal) to demo.py alone, while its two
+    retrievers train: both are passed the signal and stop after the file they are writing; the
+    demo waits for them and ends in one line, status 128 + the signal; no process is left, no
+    lock and no temporary file."""
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out),
+                             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **SCRIPT_ENV})
+    logs = [out / "compare" / f"{arm}_seed1.pt.log" for arm in demo.NEGATIVES]
+    deadline = time.time() + 600
+    while not all(p.exists() for p in logs) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    running = children(proc.pid)
+    assert len(running) == 2, running
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=600)[1]
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"stopped by {name}: the demo's runs were stopped "
+                                           f"after the files they were writing; run the demo "
+                                           f"again for a fresh one")
+    assert "Traceback" not in err and err.count(f"stopped by {name}") == 3  # the runs' and its
+    for pid in running:
+        assert not os.path.exists(f"/proc/{pid}"), f"run {pid} is still there"
+    assert [p for p in out.rglob("*") if p.name.endswith((".tmp", ".lock"))] == []

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_refused, run_in_process, run_script, tree
 from gradient_bias import (LogitScorer, MLPScorer, draw_negatives, entropy, gradient, main,
-                           nce_loss, nce_loss_loop, parse_args, plot, population, run)
+                           nce_loss, nce_loss_loop, outputs, parse_args, plot, population, run)
 
 SMALL = ["--num_labels", "100", "--dim", "64", "--lr", "0.01", "--seed", "2", "--quiet"]
 
@@ -108,7 +108,9 @@ def test_main_writes_json_pickle_and_table(tmp_path, capsys):
         assert pickle.load(f) == (result["entropy"], result["records"])
     printed = capsys.readouterr().out
     assert "diff_hard" in printed and "entropy" in printed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bias.json", "bias.pkl"]  # no temp file
+    # no temporary file; the record of --out (the pickle is known by its content)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hard-nce-el.record", "bias.json",
+                                                          "bias.pkl"]
 
 
 def test_loss_avg_is_the_steps_loss(monkeypatch):
@@ -146,25 +148,74 @@ def population_of(result):
                       result["args"]["temp"])
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--num_negatives", "-1"], "--num_negatives"),
-    (["--num_labels", "10", "--num_negatives", "10"], "--num_negatives"),
-    (["--support", "0"], "--support"),
-    (["--temp", "0"], "--temp"),
-    (["--lr", "nan"], "--lr"),
-    (["--monte_carlo", "0"], "--monte_carlo"),
-    (["--out", "/no/such/folder/x.json"], "--out"),
-    (["--pickle", "/no/such/folder/x.pkl"], "--pickle"),
-    (["--dim", "0"], "--dim"),
-    (["--dim", "-2"], "--dim"),
-    (["--plot", "/dev/null/figures"], "--plot"),
-])
-def test_bad_flags_are_one_line_and_exit_2(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and flag in err
+# A user's mistake in the flags: each row (argv, words of the one line). The run is refused
+# before any work, in one line, with nothing written (the default --pickle included).
+REFUSED = [
+    (["--num_negatives", "-1"], ["--num_negatives"]),
+    (["--num_labels", "10", "--num_negatives", "10"], ["--num_negatives"]),
+    (["--support", "0"], ["--support"]),
+    (["--support", "1001"], ["--support"]),
+    (["--temp", "0"], ["--temp"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--monte_carlo", "0"], ["--monte_carlo"]),
+    (["--dim", "0"], ["--dim"]),
+    (["--dim", "-2"], ["--dim"]),
+    (["--num_labels", "2e10"], ["--num_labels"]),
+    # numeric ranges: torch's limits, float32's, the machine's
+    (["--num_labels", str(2 ** 24 + 1)], ["--num_labels", "torch.multinomial"]),
+    (["--num_labels", "20000000000"], ["--num_labels", "at most"]),
+    (["--temp", "1e-300"], ["--temp", "float32"]),
+    (["--temp", "1e39"], ["--temp", "float32"]),
+    (["--lr", "1e300"], ["--lr", "float32"]),
+    (["--lr", "-1e-3"], ["--lr"]),
+    (["--threads", "100000000"], ["--threads", "cores"]),
+    (["--seed", str(2 ** 64)], ["--seed"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--batch_size", "0"], ["--batch_size"]),
+    (["--num_labels", str(2 ** 24), "--dim", "100000"], ["--num_labels", "GiB"]),
+    (["--num_labels", "100000", "--batch_size", "100000000"], ["--num_labels", "GiB"]),
+    # a model that diverges: found at its first measurement, nothing written
+    (["--lr", "1e30", "--steps", "2", "--out", "bias.json"], ["--lr", "diverged"]),
+    # outputs: folders that cannot be made, one file named twice
+    (["--out", "/dev/null/x.json"], ["--out", "/dev/null"]),
+    (["--pickle", "/dev/null/x.pkl"], ["--pickle", "/dev/null"]),
+    (["--plot", "/dev/null/figures"], ["--plot", "/dev/null"]),
+    (["--out", "same", "--pickle", "same"], ["--pickle", "same", "--out"]),
+    (["--out", "figs/gradient_bias_loss.png", "--plot", "figs"], ["--plot", "--out"]),
+    (["--pickle", "bias.json", "--out", "./bias.json"], ["--pickle", "--out"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", REFUSED, ids=[" ".join(r[0]) for r in REFUSED])
+def test_mistakes_are_refused_in_one_line_with_nothing_written(argv, words, tmp_path,
+                                                               monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # the default --pickle, cukes.p, would go here
+    (tmp_path / "keep.txt").write_text("a user's file\n")
+    before = tree(tmp_path)
+    code, lines, _ = run_in_process("gradient_bias.py", SMALL + argv, capfd)
+    assert_refused(code, lines, words, [tmp_path], [before])
+
+
+@pytest.mark.parametrize("flag, name", [("--out", "bias.json"), ("--plot", "gradient_bias_loss.png")])
+def test_a_file_this_script_did_not_write_is_not_replaced(flag, name, tmp_path, monkeypatch,
+                                                        capfd):
+    """A user's file where an output goes (--out, a figure of --plot) is refused unless
+    --overwrite; an earlier run's file is replaced."""
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    value = "." if flag == "--plot" else name
+    (tmp_path / name).write_bytes(b"the user's own\n")
+    before = tree(tmp_path)
+    argv = SMALL + ["--steps", "1", "--pickle", "", flag, value]
+    code, lines, _ = run_in_process("gradient_bias.py", argv, capfd)
+    assert_refused(code, lines, [flag, name, "--overwrite"], [tmp_path], [before])
+    assert run_in_process("gradient_bias.py", argv + ["--overwrite"], capfd)[0] == 0
+    replaced = (tmp_path / name).read_bytes()
+    assert replaced != b"the user's own\n"
+    assert run_in_process("gradient_bias.py", argv[:-2] + ["--seed", "5", flag, value],
+                          capfd)[0] == 0  # this script's file: replaced by another run
+    assert (tmp_path / name).read_bytes() != replaced
 
 
 def test_replacement_allows_many_negatives():
@@ -192,7 +243,8 @@ def test_quiet_prints_nothing(tmp_path, capsys, monkeypatch):
     main(SMALL + ["--steps", "1", "--out", str(tmp_path / "bias.json")])
     out, err = capsys.readouterr()
     assert out == "" and err == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bias.json", "cukes.p"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hard-nce-el.record", "bias.json",
+                                                          "cukes.p"]
 
 
 # The record keys the original's plot.py reads from the pickle (loss and bias figures)
@@ -216,38 +268,42 @@ def test_default_pickle_has_the_originals_layout(tmp_path, monkeypatch):
     assert records == result["records"]
 
 
-def test_pickle_never_replaces_a_file_of_something_else(tmp_path, monkeypatch, capsys):
+def test_pickle_never_replaces_a_file_of_something_else(tmp_path, monkeypatch, capfd):
     """An existing --pickle file that is not a pickle of this experiment (a user's file, a
     pickle of anything else) stops the run in one line before any work, and stays as it was; a
-    pickle of an earlier run is replaced; --pickle '' writes none."""
+    pickle of an earlier run (or of the original's main.py: the same layout) is replaced, and no
+    record is written beside it; --pickle '' writes none."""
     monkeypatch.chdir(tmp_path)
     for content in (b"my notes\n", pickle.dumps({"some": "dict"}), pickle.dumps(torch.zeros(2))):
         (tmp_path / "cukes.p").write_bytes(content)
-        with pytest.raises(SystemExit) as exit_:
-            main(SMALL + ["--steps", "1"])
-        assert exit_.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: --pickle: cukes.p exists") and err.count("\n") == 1, err
-        assert (tmp_path / "cukes.p").read_bytes() == content
+        before = tree(tmp_path)
+        code, lines, _ = run_in_process("gradient_bias.py", SMALL + ["--steps", "1"], capfd)
+        assert_refused(code, lines, ["--pickle", "cukes.p exists", "--overwrite"], [tmp_path],
+                       [before])
     (tmp_path / "cukes.p").unlink()
     main(SMALL + ["--steps", "1"])
     first = (tmp_path / "cukes.p").read_bytes()
     main(SMALL + ["--steps", "2"])  # a pickle of this experiment: replaced
     assert (tmp_path / "cukes.p").read_bytes() != first
+    original = pickle.dumps((1.5, [{"loss_avg": 1.0, "xent": 1.0, "rand": 1.0, "hard": 1.0,
+                                    "diff_rand": 1.0, "diff_hard": 1.0}]))  # the original's
+    (tmp_path / "cukes.p").write_bytes(original)
+    main(SMALL + ["--steps", "1"])
+    assert (tmp_path / "cukes.p").read_bytes() != original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cukes.p"]  # no record beside it
     (tmp_path / "cukes.p").unlink()
     main(SMALL + ["--steps", "1", "--pickle", ""])
     assert list(tmp_path.iterdir()) == []
 
 
-def test_plot_without_matplotlib_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+def test_plot_without_matplotlib_is_one_line_and_exit_2(tmp_path, monkeypatch, capfd):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(["--plot", str(tmp_path)])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "matplotlib" in err
+    monkeypatch.chdir(tmp_path)
+    code, lines, _ = run_in_process("gradient_bias.py", SMALL + ["--plot", "figs"], capfd)
+    assert_refused(code, lines, ["--plot", "matplotlib"], [tmp_path], [{}])
 
 
+@pytest.mark.slow
 def test_command_line_error_has_no_traceback():
     r = run_script("gradient_bias.py", "--num_negatives", "-3")
     assert r.returncode == 2
@@ -256,9 +312,10 @@ def test_command_line_error_has_no_traceback():
 
 def test_plot_draws_both_figures(tmp_path):
     pytest.importorskip("matplotlib")
-    result = run(parse_args(SMALL + ["--steps", "3"]))
-    paths = plot(result, str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradient_bias_bias.png",
+    args = parse_args(SMALL + ["--steps", "3", "--plot", str(tmp_path), "--pickle", ""])
+    paths = plot(run(args), str(tmp_path), outputs(args))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hard-nce-el.record",
+                                                          "gradient_bias_bias.png",
                                                           "gradient_bias_loss.png"]
     for path in paths:
         with open(path, "rb") as f:
