@@ -296,6 +296,9 @@ class Outputs:
         naming the same file stop the run."""
         flag = flag or self.flag
         _check_writable(path, flag)
+        record = os.path.join(os.path.dirname(os.path.abspath(path)), RECORD)
+        check_flag(not os.path.isdir(record), flag, f"{record} is a folder, where the record of "
+                   f"the files written beside it belongs; move it away or choose another {flag}")
         key = os.path.abspath(path)
         if key in self.files:
             die(f"{flag}: {path} is also the run's {self.files[key][0]} file; give each output "
