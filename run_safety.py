@@ -337,6 +337,8 @@ class Outputs:
         caller read (resume). Returns the description of the run found (a rerun or resumed
         run), or None."""
         found = None
+        foreign = (f"--resume_training: {resume} is not a run's state this project wrote (or it "
+                   f"changed since); pass --overwrite with --resume_training to continue it anyway")
         for path, (flag, role) in self.files.items():
             if not os.path.lexists(path) or self.overwrite:
                 continue
@@ -345,6 +347,8 @@ class Outputs:
                            f"{self.tool}; pass --overwrite to replace it, or choose another {flag}")
                 continue
             got = recorded(path, (read or {}).get(path))
+            if got is None and resume is not None and path == os.path.abspath(resume):
+                die(foreign)
             if got is None or got[0].get("role") != role or got[0].get("tool") != self.tool:
                 what = ("was not written by this project" if got is None else
                         f"is a file of another run ({got[0].get('tool')}, "
@@ -357,8 +361,7 @@ class Outputs:
                    path, flag, resume is not None, self.resumable)
             found = got[1]
         if resume is not None and found is None and not self.overwrite:
-            die(f"--resume_training: {resume} is not a run's state this project wrote (or it "
-                f"changed since); pass --overwrite with --resume_training to continue it anyway")
+            die(foreign)
         self.description = found if resume is not None and found is not None else description
         return found
 
