@@ -49,7 +49,8 @@ class Stopped(BaseException):
         self.signum, self.name = signum, signal.Signals(signum).name
 
 
-_PROCESS = {"writing": 0, "pending": None, "stop_message": None, "locks": {}, "handlers": {}}
+_PROCESS = {"writing": 0, "pending": None, "stop_message": None, "locks": {}, "handlers": {},
+            "said": set()}
 
 
 def _on_signal(signum, frame):
@@ -402,8 +403,10 @@ def refuse(differ, moved, path, flag="--model", resume=False, resumable=False):
         now = (f" (now {new})" if why is None else f", which holds other content now ({why})"
                if old == new else f", and --{name} {new} is not the same ({why})")
         die(f"--{name}: {path} {verb} --{name} {old}{now}; {advice}")
-    for name, old, new in moved:
-        notice(f"--{name} was {old} in the run of {path}, now {new}: the same content")
+    for name, old, new, same in moved:
+        notice(f"--{name} is {new} now, {old} in the run recorded: the same {same}"
+               + ("; a resumed run takes every weight from its state"
+                  if resume and same != "content" else ""))
 
 
 def recorded_anywhere(path):
@@ -421,9 +424,10 @@ def _tensors(obj):
 
 def compare_runs(old, new, defaults, resume=False):
     """What differs between two runs of one tool ({"tool", "flags", "inputs"}): ([(flag, old,
-    new, why)], [(flag, old path, new path)] of inputs moved with the same content). A flag a
-    description lacks counts as its default; an input is compared by content (only the parts
-    both record: a resumed run reads no initial weights), by path when one has no content."""
+    new, why)], [(flag, old path, new path, what was compared)] of inputs moved with the same
+    content). A flag a description lacks counts as its default; an input is compared by content
+    (only the parts both record: a resumed run reads no initial weights), by path when one has
+    no content."""
     differ, moved = [], []
     flags_old, flags_new = old.get("flags", {}), new.get("flags", {})
     for k in sorted(set(flags_old) | set(flags_new)):
@@ -443,7 +447,8 @@ def compare_runs(old, new, defaults, resume=False):
             differ.append((k, was.get("path"), now.get("path"),
                            f"what it holds differs: {', '.join(parts)}"))
         elif was.get("path") != now.get("path"):
-            moved.append((k, was.get("path"), now.get("path")))
+            moved.append((k, was.get("path"), now.get("path"), "content" if set(a) == set(b)
+                          else ", ".join(sorted(set(a) & set(b)))))
     return differ, moved
 
 
@@ -548,9 +553,12 @@ def on_stop(message):
 
 
 def notice(message):
-    """One line `notice: ...` in the run's log (stdout and its file), or on stderr before it."""
+    """One line `notice: ...` in the run's log (stdout and its file), or on stderr before it;
+    once a run (the checks of several files find the same)."""
     from utils import log_line
-    log_line(f"notice: {message}")
+    if message not in _PROCESS["said"]:
+        _PROCESS["said"].add(message)
+        log_line(f"notice: {message}")
 
 
 def _say(line):
@@ -568,7 +576,7 @@ def main(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _end()  # a previous run in this process (tests call main() several times)
-        _PROCESS.update(writing=0, pending=None, stop_message=None)
+        _PROCESS.update(writing=0, pending=None, stop_message=None, said=set())
         with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
             _PROCESS["handlers"] = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized
