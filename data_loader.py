@@ -499,13 +499,14 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
     from transformers import AutoModel
     quiet_transformers()
     check_encoder(name, flag)
+    # weights of another shape than the config's are listed (mismatched_keys), not raised
+    common = dict(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         model, info = AutoModel.from_pretrained(name, add_pooling_layer=True,
-                                                attn_implementation="sdpa",
-                                                output_loading_info=True)
+                                                attn_implementation="sdpa", **common)
     except Exception:
         try:
-            model, info = AutoModel.from_pretrained(name, output_loading_info=True)
+            model, info = AutoModel.from_pretrained(name, **common)
         except Exception:
             die(f"{flag}: {model_path_hint(name)}")
     missing = sorted(k for k in info["missing_keys"] if not k.split(".")[0] == "pooler")
