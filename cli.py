@@ -90,8 +90,9 @@ def add_data_arg(parser, flag):
 
 
 def add_precision_args(parser):
-    """--fp16 / --bf16 / --fp32, at most one of them: the autocast dtype (utils.amp_dtype). They
-    define the run: a change of precision moves numbers."""
+    """--fp16 / --bf16 / --fp32, at most one of them: the autocast dtype (utils.amp_dtype).
+    --fp16 and --bf16 define the run: a change of precision moves numbers; --fp32 names the
+    default, so a run given it is the run without it (free)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fp16", action="store_true",
                        help="float16 autocast with a gradient scaler (bfloat16 on a CPU)")
@@ -100,6 +101,7 @@ def add_precision_args(parser):
                             "scores are still float32")
     group.add_argument("--fp32", action="store_true",
                        help="full precision, the default (TF32 matrix multiplies on a GPU)")
+    parser.free.add("fp32")
 
 
 # Flags of the original's command lines that have nothing to do here: accepted so that those
