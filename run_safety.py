@@ -491,7 +491,8 @@ def load_checkpoint(path, flag="--model", script=None, keys=()):
 
 def take_lock(path, flag, made=()):
     """Hold `path` (fcntl.flock, pid and host written in it) until the run ends; stop with one
-    line naming the holder when another run holds it. A lock a killed run left is taken over."""
+    line naming the holder when another run holds it. A lock a killed run left is taken over; a
+    file of that name that is no lock of ours (another text in it) is refused, never replaced."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -514,7 +515,14 @@ def take_lock(path, flag, made=()):
         if same:
             break
         os.close(fd)
+    held = os.read(fd, 200)
+    if held and not (held.startswith(b"pid ") and b" on " in held):
+        os.close(fd)
+        _remove_empty(made)
+        die(f"{flag}: {path} is in the way of the run's lock (a file this project did not make); "
+            f"move it away, or choose another {flag}")
     os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     _PROCESS["locks"][path] = (fd, list(made))
 
