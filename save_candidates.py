@@ -31,7 +31,8 @@ from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pret
 from retriever import (TYPE_MODELS, add_scorer_args, check_same_model, check_worlds_hold,
                        encode_retriever_split, load_retriever, rank_split, recall_ks, recall_table)
 from entity_index import INDEX_DTYPES, Wanted, build_index, plan_index, read_entities
-from run_safety import Outputs, load_checkpoint, main as cli_main, notice, on_stop
+from run_safety import (Outputs, deferred_signals, load_checkpoint, main as cli_main, notice,
+                        on_stop)
 from training import absolute, load_weights
 from utils import StageClock, amp_dtype, get_logger, open_log_file, with_runtime
 
@@ -155,6 +156,7 @@ def save_candidates(args, rt, parser, outputs):
     log.info("args: %s", " ".join(f"--{k} {v}" for k, v in parser.recorded(args).items()))
     written, building = [], []
     on_stop(lambda name: f"stopped by {name} " + (
+        f"with the candidates in {args.cands_dir} written whole" if "recall" in written else
         f"with the candidates in {args.cands_dir} incomplete ({', '.join(written)} written): run "
         f"save_candidates.py again" if written else
         f"while building the entity index in {args.en_hidden_path} (left incomplete: the next "
@@ -212,16 +214,19 @@ def save_candidates(args, rt, parser, outputs):
                                       data.entities.worlds, ks)
         if rt.is_main:
             doc_ids = data.entities.doc_ids
-            outputs.write_lines(({"mention_id": m["mention_id"],
-                                  "candidates": [doc_ids[i] for i in row]}
-                                 for m, row in zip(zeshel.mentions[split], ranked.tolist())),
-                                os.path.join(args.cands_dir, f"candidates_{split}.json"))
-            written.append(split)
+            with deferred_signals():  # a stop in the write comes after `written` says it
+                outputs.write_lines(({"mention_id": m["mention_id"],
+                                      "candidates": [doc_ids[i] for i in row]}
+                                     for m, row in zip(zeshel.mentions[split], ranked.tolist())),
+                                    os.path.join(args.cands_dir, f"candidates_{split}.json"))
+                written.append(split)
         log.info("%s: %d mentions, recall@%d micro %.2f", split, len(data.golds), ks[-1],
                  recalls[split]["micro"][f"recall@{ks[-1]}"])
         clock.lap(f"writing candidates, {split}")
     if rt.is_main:
-        outputs.write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
+        with deferred_signals():
+            outputs.write_json(recalls, os.path.join(args.cands_dir, "recall.json"))
+            written.append("recall")
     log.info("recall (percent), each mention ranked within its own world:\n%s",
              format_table(recalls, ks))
 
