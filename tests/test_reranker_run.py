@@ -1,14 +1,12 @@
 """main_reranker.py end to end on the toy world: it learns, --fp16 runs on a CPU, a stopped run
-resumes to the same metrics, and user mistakes end in one line with status 2."""
-import functools
-import json
+resumes to the same metrics (user mistakes: tests/test_errors.py)."""
 import os
 
 import pytest
 import torch
 
 import main_reranker
-from conftest import fails_with, read_results, run_script, write_candidates
+from conftest import read_results, run_main, run_script, write_candidates
 
 C = 8
 
@@ -33,8 +31,7 @@ TRAIN = ["--L", 16, "--B", 4, "--lr", 1e-3, "--epochs", 6, "--inputmark", "--log
 def whole(toy, cands, tmp_path_factory):
     """Six uninterrupted epochs of the tiny random BERT: the model path."""
     model = str(tmp_path_factory.mktemp("whole") / "full.pt")
-    out = run_script("main_reranker.py", *common(toy, cands, model), *TRAIN)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_main("main_reranker.py", *common(toy, cands, model), *TRAIN, "--num_workers", 0)
     return model
 
 
@@ -120,46 +117,6 @@ def test_retriever_scorer_runs_over_the_candidates(toy, cands, tmp_path):
     state = torch.load(model, weights_only=True)
     assert "retriever.entity_codes.codes" in state["model"]
     assert state["model"]["retriever.entity_codes.codes"].shape[0] == 4
-
-
-def test_user_errors(toy, cands, tmp_path, capsys):
-    data_dir, bert_dir = toy
-    model = str(tmp_path / "m.pt")
-    base = ["--model", model, "--pretrained", bert_dir, "--quiet"]
-    fails = functools.partial(fails_with, main_reranker.main, capsys)
-    fails(base + ["--cands_dir", cands], "--data")
-    fails(["--data", data_dir, "--cands_dir", cands], "--model")
-    fails(base + ["--data", data_dir, "--cands_dir", cands, "--C", 0], "--C")
-    fails(base + ["--data", data_dir, "--cands_dir", cands, "--L", 8], "--L")
-    fails(base + ["--data", data_dir, "--cands_dir", cands, "--resume_training"],
-          "--resume_training", model + ".last")
-
-    other = str(tmp_path / "other.pt")
-    state = {k: {} for k in ("model", "optimizer", "scheduler", "scaler", "rng", "results")}
-    torch.save({**state, "script": "main_reranker", "args": {"type_model": "dual"}, "epoch": 1,
-                "step": 1, "losses": [], "best_score": 0.0}, other + ".last")
-    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
-           "--resume_training"], "--type_model", "dual")
-    torch.save({"script": "main_reranker", "model": {}}, other + ".last")
-    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
-           "--resume_training"], "--resume_training", "not a whole training state")
-    torch.save({**state, "script": "main_retriever"}, other + ".last")
-    fails(["--model", other, "--data", data_dir, "--cands_dir", cands,
-           "--resume_training"], "--resume_training",
-          "was written by main_retriever.py, not by main_reranker.py")
-
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    with open(os.path.join(cands, "candidates_train.json")) as f:
-        lines = f.readlines()
-    (partial / "candidates_train.json").write_text("".join(lines))
-    fails(base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
-          "--cands_dir", str(partial / "candidates_val.json"))
-
-    (partial / "candidates_train.json").write_text("".join(lines[:5] + lines[6:]))
-    missing = json.loads(lines[5])["mention_id"]
-    fails(base + ["--data", data_dir, "--cands_dir", partial, "--C", C],
-          str(partial / "candidates_train.json"), missing)
 
 
 class Items(torch.utils.data.Dataset):

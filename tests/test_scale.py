@@ -62,13 +62,6 @@ def test_scaled_world_rounds_small_worlds_up_to_one():
     assert scaled_count(104520, 1.0) == 104520
 
 
-def test_zeshel_scale_flag_out_of_range_is_refused(tmp_path):
-    from conftest import run_script
-    r = run_script("toy_world.py", tmp_path / "w", "--zeshel_scale", "1.5")
-    assert r.returncode == 2 and "--zeshel_scale 1.5 is not in (0, 1]" in r.stderr
-    assert not (tmp_path / "w").exists()
-
-
 def linear_work(data_dir, bert_dir, cands_dir):
     """Loading and checking the three splits, the retriever's windows of every split, and the
     reranker's candidate handling (reading, checking, gold first, windows of the used entities).

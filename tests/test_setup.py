@@ -1,7 +1,8 @@
 """`make`'s install step puts torch first when it is missing: the default (CUDA) build where an
 NVIDIA driver is found, else the CPU build, from a wheel pip already offers without an index when
-there is one, else from PyTorch's CPU index. Checked with a stand-in Python that records what it is
-asked to do (no real install)."""
+there is one, else from PyTorch's CPU index. Checked by running `make` with a stand-in Python that
+records what it is asked to do (no real install; slow: it starts processes). And what the
+requirements files admit."""
 import os
 import shutil
 import stat
@@ -48,11 +49,13 @@ def make_torch(tmp_path, torch_installed=False, local_wheel=False, nvidia=False)
     return calls, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_torch_present_installs_nothing(tmp_path):
     calls, _ = make_torch(tmp_path, torch_installed=True)
     assert calls == ["-c import torch"]
 
 
+@pytest.mark.slow
 def test_cpu_machine_takes_a_local_cpu_wheel_first(tmp_path):
     calls, said = make_torch(tmp_path, local_wheel=True)
     assert calls == ["-c import torch", "-m pip install -q --no-index --no-deps torch",
@@ -60,6 +63,7 @@ def test_cpu_machine_takes_a_local_cpu_wheel_first(tmp_path):
     assert "CPU build found locally" in said
 
 
+@pytest.mark.slow
 def test_cpu_machine_without_a_local_wheel_uses_the_cpu_index(tmp_path):
     calls, said = make_torch(tmp_path)
     assert calls[-1] == "-m pip install -q torch --index-url https://download.pytorch.org/whl/cpu"
@@ -67,20 +71,44 @@ def test_cpu_machine_without_a_local_wheel_uses_the_cpu_index(tmp_path):
     assert "CPU build" in said
 
 
+@pytest.mark.slow
 def test_nvidia_machine_gets_the_default_build(tmp_path):
     calls, said = make_torch(tmp_path, local_wheel=True, nvidia=True)
     assert calls == ["-c import torch", "-m pip install -q torch"]
     assert "CUDA" in said
 
 
-def test_requirements_do_not_force_a_recent_torch():
-    """A cluster's torch 2.4 or later satisfies requirements.txt (no forced upgrade), and the
-    transformers bound admits 4.x and 5.x."""
-    with open(os.path.join(ROOT, "requirements.txt")) as f:
-        reqs = {line.split(">=")[0].strip(): line.strip() for line in f
-                if line.strip() and not line.startswith("#")}
-    assert reqs["torch"] == "torch>=2.4"
-    assert reqs["transformers"] == "transformers>=4.41,<6"
-    with open(os.path.join(ROOT, ".ci", "oldest-requirements.txt")) as f:
-        oldest = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    assert "transformers==4.41.2" in oldest  # what CI runs the suite under
+def requirements(name):
+    """{package: packaging Requirement} of a requirements file of the repository."""
+    from packaging.requirements import Requirement
+    with open(os.path.join(ROOT, name)) as f:
+        reqs = [Requirement(line) for line in (x.split("#")[0].strip() for x in f) if line]
+    return {r.name: r for r in reqs}
+
+
+@pytest.mark.parametrize("package,version,admitted", [
+    ("torch", "2.4.0", True),           # a cluster's torch 2.4 is not upgraded
+    ("torch", "2.13.0", True),
+    ("torch", "2.3.1", False),          # too old for what the code uses
+    ("transformers", "4.41.2", True),   # what CI's oldest set runs the suite under
+    ("transformers", "5.25.0", True),
+    ("transformers", "4.40.2", False),  # no SDPA attention for BERT
+    ("transformers", "6.0.0", False),
+])
+def test_requirements_admit_the_versions_the_code_runs_on(package, version, admitted):
+    """What `pip install -r requirements.txt` accepts: a cluster's torch 2.4 or later stays,
+    transformers 4.x from 4.41 and 5.x are taken."""
+    assert requirements("requirements.txt")[package].specifier.contains(version) == admitted
+
+
+def test_the_oldest_set_ci_runs_is_one_the_requirements_admit():
+    """Each package pinned in .ci/oldest-requirements.txt (CI runs the fast suite under it)
+    satisfies requirements.txt, so the suite is run at the lower bounds the requirements
+    declare."""
+    wanted = requirements("requirements.txt")
+    oldest = requirements(os.path.join(".ci", "oldest-requirements.txt"))
+    assert set(wanted) <= set(oldest) | {"torch"}, set(wanted) - set(oldest)
+    for name, pin in oldest.items():
+        (version,) = [s.version for s in pin.specifier]
+        if name in wanted:
+            assert wanted[name].specifier.contains(version), (name, version)
