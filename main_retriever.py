@@ -1,4 +1,4 @@
-"""Train the retriever with random, hard or mixed negatives and report recall@k
+"""Train the retriever with random, hard, mixed or in-batch negatives and report recall@k
 (docs/DESIGN.md#training).
 
     python main_retriever.py --model runs/ret.pt --data_dir DATA --B 16 \\
@@ -8,7 +8,10 @@
 
 At the start of every epoch (the first included) the epoch's negatives are drawn and the hard ones
 mined with the current model (retriever.epoch_negatives); each mention is trained on [gold] +
-negatives with the NCE loss (retriever.nce_loss). After each epoch val is ranked (recall@k and
+negatives with the NCE loss (retriever.nce_loss), every entity of a batch encoded once.
+`--type_cands in_batch`: the negatives of a mention are the golds of the batch's other mentions
+(BLINK's); `in_batch_hard`: those and the negatives mixed_negative gives (`--num_cands`,
+`--cands_ratio`: int(C r) random, the rest mined; `--cands_ratio 0` for in-batch + hard). After each epoch val is ranked (recall@k and
 top-1 accuracy, pooled over the split's entities as the original, and per world); the best epoch
 by `--eval_criterion` is kept in `<model>` (a later epoch replaces an equal one, as the original),
 the full state of the last one in `<model>.last` (`--resume_training` continues from it), and after
@@ -17,20 +20,23 @@ the last epoch the best is reported on test. `<model>.results.json` holds every 
 
 Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` or `--fp16` for
 mixed precision. Under torchrun each process trains on B / processes mentions of every batch
-(DistributedDataParallel) and scores its share of the entities; in one process with several GPUs,
-DataParallel splits the batch. `--num_hards`, `--num_workers`, `--store_en_hiddens`,
-`--en_hidden_path` and `--eval_batchsize` (val and test are ranked in batches of `--mention_bsz`, as
-the original) are accepted for the original's command line and do nothing here (a notice says so):
-training streams the entity vectors; `save_candidates.py --store_en_hiddens` stores them.
+(DistributedDataParallel; in-batch golds gathered with their gradients, so that the negatives are
+the whole batch's) and scores its share of the entities; in one process with several GPUs, the
+encoders split each batch's windows over them (DataParallel). `--num_hards`, `--num_workers`,
+`--store_en_hiddens`, `--en_hidden_path` and `--eval_batchsize` (val and test are ranked in
+batches of `--mention_bsz`, as the original) are accepted for the original's command line and do
+nothing here (a notice says so): training streams the entity vectors; `save_candidates.py
+--store_en_hiddens` stores them.
 """
 import torch
 
 from cli import (ArgumentParser, add_compatibility_args, add_data_arg, check_flag,
                  check_positive, notices)
 from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
-from retriever import (RANDOM_NEGATIVES, TYPE_CANDS, add_scorer_args, candidate_counts, check_scorer_args,
-                       check_worlds_hold, encode_retriever_split, epoch_negatives, load_retriever,
-                       nce_loss, random_negative_stream, rank_split, ranking_entry, vector_counts)
+from retriever import (IN_BATCH, RANDOM_NEGATIVES, TYPE_CANDS, add_scorer_args, candidate_counts,
+                       check_scorer_args, check_worlds_hold, encode_retriever_split,
+                       epoch_negatives, load_retriever, nce_loss, random_negative_stream,
+                       rank_split, ranking_entry, vector_counts)
 from run_safety import main as cli_main
 from training import (IGNORED_BY_OPTIMIZER, LossLog, Optimization, TrainingRun,
                       add_training_args, check_training_args, ends_accumulation, gradient_sync,
@@ -53,9 +59,10 @@ def build_parser():
                    help="model folder or hub name (default: from --pre_model)")
     add_scorer_args(p)
     p.add_argument("--type_cands", default="mixed_negative", choices=TYPE_CANDS)
-    p.add_argument("--num_cands", type=int, default=128, help="negatives per mention")
+    p.add_argument("--num_cands", type=int, default=128,
+                   help="negatives per mention (in_batch_hard: besides the in-batch ones)")
     p.add_argument("--cands_ratio", type=float, default=1.0,
-                   help="mixed_negative: share of random negatives")
+                   help="mixed_negative, in_batch_hard: share of random negatives")
     p.add_argument("--smoothing_value", type=float, default=1.0,
                    help="hard_negative: sample from softmax(smoothing_value * scores)")
     p.add_argument("--exclude_golds", action="store_true", help="never mine the gold as a negative")
@@ -79,15 +86,17 @@ def parse_args(argv=None):
 
 # Flags the chosen --type_cands or --type_model ignores: a value given is said to do nothing.
 IGNORED_BY_MODE = (
-    ("cands_ratio", lambda a: a.type_cands != "mixed_negative",
-     lambda a: f"only --type_cands mixed_negative mixes random negatives in (--type_cands "
-               f"{a.type_cands})"),
+    ("cands_ratio", lambda a: a.type_cands not in ("mixed_negative", "in_batch_hard"),
+     lambda a: f"only --type_cands mixed_negative and in_batch_hard mix random negatives in "
+               f"(--type_cands {a.type_cands})"),
+    ("num_cands", lambda a: a.type_cands == "in_batch",
+     lambda a: "--type_cands in_batch takes its negatives from the batch (--B)"),
     ("smoothing_value", lambda a: a.type_cands not in ("hard_negative", "hard_adjusted_negative"),
      lambda a: f"only hard_negative and hard_adjusted_negative sample (--type_cands "
                f"{a.type_cands})"),
-    ("exclude_golds", lambda a: a.type_cands == "random_negative",
-     lambda a: "--type_cands random_negative mines nothing (random negatives never hold the "
-               "gold)"),
+    ("exclude_golds", lambda a: a.type_cands in ("random_negative", "in_batch"),
+     lambda a: f"--type_cands {a.type_cands} mines nothing (random and in-batch negatives never "
+               f"hold the gold)"),
     ("num_mention_vecs", lambda a: vector_counts(a.type_model, 2, 2)[0] == 1,
      lambda a: f"--type_model {a.type_model} takes one mention vector"),
     ("num_entity_vecs", lambda a: vector_counts(a.type_model, 2, 2)[1] == 1,
@@ -108,6 +117,9 @@ def check_args(args):
     check_flag(args.max_len >= 4, "--max_len", f"{args.max_len} is too short for a window")
     check_flag(args.smoothing_value >= 0, "--smoothing_value",
                f"must be 0 or more (got {args.smoothing_value})")
+    check_flag(args.B >= 2 or args.type_cands not in IN_BATCH, "--B",
+               f"--type_cands {args.type_cands} takes the other golds of a batch as negatives: "
+               f"a batch needs 2 mentions at least (got {args.B})")
     check_scorer_args(args, args.max_len, "--max_len")
     args.pretrained = pretrained_name("--pre_model", args.pre_model, args.pretrained)
     return args
@@ -121,7 +133,7 @@ def load_data_and_model(args, run, rt):
     check_encoder(args.pretrained, loadable=False)
     zeshel = Zeshel(args.data_dir, ("train", "val", "test"))
     check_worlds_hold(zeshel, ("val", "test"), args.k, "--k")
-    if args.epochs > 0:
+    if args.epochs > 0 and args.type_cands != "in_batch":
         n = len(zeshel.entities("train"))
         check_flag(args.num_cands <= n - 1, "--num_cands", f"{args.num_cands} negatives asked for "
                    f"but train has {n} entities (gold included)")
@@ -158,6 +170,16 @@ def evaluate(model, data, args, stream, epoch):
     return ranking_entry(pooled, per_world, data, args.k, epoch)
 
 
+def batch_mean(loss, rt):
+    """The loss of the whole batch (the mean over processes of each one's mean over its share,
+    for the log), whatever the number of processes."""
+    loss = loss.detach()
+    if rt.distributed:
+        torch.distributed.all_reduce(loss)
+        loss = loss / rt.world_size
+    return loss
+
+
 def describe(entry, k):
     key = f"recall@{k}"
     return (f"{key} {entry[key]:.2f} accuracy {entry['accuracy']:.2f} (per world: macro "
@@ -178,7 +200,9 @@ def train_retriever(args, rt, parser):
     train = data.get("train")
     model.to(device)
     opt = Optimization(model, args, len(train.golds) if train else 0, dtype, device, state)
-    train_model = wrap_for_training(model, rt)
+    train_model = wrap_for_training(model, rt) if rt.distributed else model
+    if rt.n_gpu > 1 and not rt.distributed:  # one process: its GPUs split the encoders' windows
+        model.replicas = list(range(rt.n_gpu))
     stream = dict(entity_bsz=args.entity_bsz, device=device, dtype=dtype, rt=rt, quiet=run.quiet)
 
     def validate(epoch):
@@ -201,25 +225,29 @@ def train_retriever(args, rt, parser):
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)
                    if len(b) >= rt.world_size]
         draws = random_negative_stream(args.random_negatives, generator)
-        losses = LossLog(device)
+        losses, windows = LossLog(device), torch.zeros(2, dtype=torch.long)
         train_model.train()
         for i, batch in enumerate(progress(batches, desc=f"epoch {epoch + 1}", disable=run.quiet)):
-            # this process's mentions (b,), their candidates (b, 1 + C) gold first, log q (b, C)
-            own, cands, log_q = negatives.batch(batch, draws, rt.rank, rt.world_size)
-            b, c = cands.shape
+            # this process's mentions (b,), the entities it encodes (N,), each mention's
+            # candidates as rows of the batch's entity vectors (b, 1 + C), log q (b, C) or None
+            cands = negatives.batch(batch, draws, rt.rank, rt.world_size)
             to = dict(device=device, non_blocking=True)
-            inputs = (train.mention_ids[own].to(**to), train.mention_mask[own].to(**to),
-                      train.entity_ids[cands.view(-1)].view(b, c, -1).to(**to),
-                      train.entity_mask[cands.view(-1)].view(b, c, -1).to(**to))
-            log_q = None if log_q is None else log_q.to(**to)
+            inputs = (train.mention_ids[cands.mentions].to(**to),
+                      train.mention_mask[cands.mentions].to(**to),
+                      train.entity_ids[cands.entities].to(**to),
+                      train.entity_mask[cands.entities].to(**to), cands.index.to(**to))
+            log_q = None if cands.log_q is None else cands.log_q.to(**to)
             update = ends_accumulation(i, len(batches), args.gradient_accumulation_steps)
             with gradient_sync(train_model, update):
-                with autocast(device, dtype):
-                    loss = nce_loss(train_model(*inputs), log_q)  # scores (b, 1 + C), gold first
+                with autocast(device, dtype):  # scores (b, 1 + C), gold first
+                    loss = nce_loss(train_model(*inputs, shared=cands.shared), log_q)
                 opt.backward(loss)
-            losses.add(loss, opt.steps)
+            losses.add(batch_mean(loss, rt), opt.steps)
+            windows += torch.tensor([len(cands.entities), (cands.index >= 0).sum()])
             if update and opt.step() % args.logging_steps == 0:
                 run.log_losses(losses, epoch + 1, opt)  # a non-finite loss stops the run
+        log.info("epoch %d: %.1f entity windows encoded per batch for %.1f candidates (this "
+                 "process)", epoch + 1, *(windows / max(1, len(batches))).tolist())
         clock.lap(f"training, epoch {epoch + 1}")
         run.end_epoch(epoch + 1, validate(epoch + 1), opt, losses)  # checks the losses first
 

@@ -289,9 +289,15 @@ class RetrieverRanker(nn.Module):
         self.retriever = retriever
 
     def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
-        """mention_ids, mention_mask (B, 1, L); cand_ids, cand_mask (B, C, L) -> scores (B, C)
-        (Retriever.forward: a missing candidate scores -inf)."""
-        return self.retriever(mention_ids[:, 0], mention_mask[:, 0], cand_ids, cand_mask)
+        """mention_ids, mention_mask (B, 1, L); cand_ids, cand_mask (B, C, L) -> scores (B, C).
+        A missing candidate (a mask all zero: a mention with fewer than C) is not encoded and
+        scores -inf (Retriever.forward, index -1)."""
+        B, C, L = cand_ids.shape
+        present = cand_mask[:, :, 0].reshape(-1).bool()          # (B*C,) a window's first token
+        index = (present.cumsum(0) - 1).masked_fill(~present, -1).view(B, C)    # (B, C) rows
+        return self.retriever(mention_ids[:, 0], mention_mask[:, 0],
+                              cand_ids.view(B * C, L)[present], cand_mask.view(B * C, L)[present],
+                              index)
 
 
 def build_ranker(type_model, encoder, init=0.0, num_mention_vecs=8, num_entity_vecs=8,

@@ -13,13 +13,19 @@ share lives here, once:
   (evaluation, mining, candidates); both feed the same scorer. A new scorer is one function and
   one row of `SCORERS`; every script's `--type_model` choices come from it.
 - `Retriever`: mention encoder + entity encoder (a copy of the first at the start),
-  `CodeAttention`; it returns the scores of each mention's candidates, gold first.
+  `CodeAttention`; it encodes a batch's distinct entities once and returns the scores of each
+  mention's candidates, given as rows of those entity vectors, gold first (`batch_scores`; under
+  torchrun the shared golds of in-batch negatives are gathered with their gradients,
+  `gather_rows`).
 - `nce_loss`: the loss of both trainers over such scores (with the `hard_adjusted_negative`
   correction `adjust_negative_scores`).
 - negatives: `epoch_negatives` (one call per epoch: what `--type_cands` asks for, mined with the
-  current model) and its `EpochNegatives.batch`; underneath `candidate_counts`,
-  `sample_random_negatives`, `training_candidates`, `mine_hard_negatives` (top-k, or a sample from
-  softmax(smoothing * scores) through `GumbelTopK`).
+  current model) and its `EpochNegatives.batch` (a process's share of a batch as
+  `BatchCandidates`: the entities to encode and each mention's candidates as rows of them);
+  underneath `candidate_counts`, `sample_random_negatives`, `training_candidates`,
+  `in_batch_candidates`, `distinct`, `mine_hard_negatives` (top-k, or a sample from
+  softmax(smoothing * scores) through `GumbelTopK`). A new sampler is a change of
+  `EpochNegatives.batch`: the model takes any index.
 - `stream_scores`: entities are encoded chunk by chunk, scored against every mention, folded into
   running top-k lists (`TopK`, `GumbelTopK`) and dropped. The vectors of a whole entity set are
   never held; a stored entity index (entity_index.py: the original's `--store_en_hiddens`) can
@@ -44,7 +50,10 @@ from data_loader import (encode_entities, encode_mentions, freeze_objects, load_
 from cli import check_flag, check_positive
 from utils import autocast, encode_in_shares, progress
 
-TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative")
+TYPE_CANDS = ("mixed_negative", "hard_negative", "hard_adjusted_negative", "random_negative",
+              "in_batch", "in_batch_hard")
+# The --type_cands whose negatives include the other golds of the batch
+IN_BATCH = ("in_batch", "in_batch_hard")
 # Dot products per block of mentions in `stream_scores` (M_b x m x E_c x n float32 elements):
 # 2 GB on a GPU, 64 MB on a CPU.
 SCORE_BLOCK_ELEMENTS = {"cuda": 2 ** 29, "cpu": 2 ** 24}
@@ -261,11 +270,19 @@ class Retriever(nn.Module):
         d, std = encoder.config.hidden_size, encoder.config.initializer_range
         self.mention_codes = CodeAttention(self.m, d, std) if mention_use_codes else None
         self.entity_codes = CodeAttention(self.n, d, std) if entity_use_codes else None
+        # GPUs a training forward splits each encoder's windows over (one process with several
+        # GPUs, as the original's DataParallel; a DataParallel of the whole forward would split
+        # the entity windows apart from the index into them), or None
+        self.replicas = None
 
-    @staticmethod
-    def _vectors(encoder, codes, count, ids, mask):
-        ids, mask = ids.long(), mask.long()  # windows are kept as int32 ids and uint8 masks
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+    def _vectors(self, encoder, codes, count, ids, mask):
+        inputs = {"input_ids": ids.long(), "attention_mask": mask.long()}  # kept int32 / uint8
+        if self.replicas and self.training:  # one process, several GPUs: the windows split
+            out = nn.parallel.data_parallel(encoder, (), self.replicas, module_kwargs=inputs)
+        else:
+            out = encoder(**inputs)
+        hidden = out.last_hidden_state                                               # (B, L, d)
+        mask = inputs["attention_mask"]
         return codes(hidden, mask) if codes is not None else hidden[:, :count].float()
 
     def mention_vectors(self, ids, mask):
@@ -276,22 +293,55 @@ class Retriever(nn.Module):
         """ids, mask: (B, L) -> (B, n, d) float32."""
         return self._vectors(self.entity_encoder, self.entity_codes, self.n, ids, mask)
 
-    def forward(self, mention_ids, mention_mask, cand_ids, cand_mask):
-        """The scores of each mention's candidates (gold first, for `nce_loss`).
+    def forward(self, mention_ids, mention_mask, entity_ids, entity_mask, index, shared=None):
+        """The scores of each mention's candidates (gold first, for `nce_loss`), the candidates
+        given as rows of the batch's entity vectors, each entity encoded once
+        (docs/DESIGN.md#negatives; EpochNegatives.batch makes these inputs).
 
-        mention_ids, mention_mask: (B, L); cand_ids, cand_mask: (B, C, L), all B C candidate
-        windows encoded in one forward -> (B, C) float32. A missing candidate (a mask all zero:
-        the reranker's mentions with fewer than C) is not encoded and scores -inf.
+        mention_ids, mention_mask: (b, L); entity_ids, entity_mask: (N, L) the entities this
+        process encodes, all in one forward; index: (b, C) each mention's candidates as rows of
+        the batch's entity vectors, -1 for a missing one (it scores -inf); shared: None, or the
+        number of entities each process shares, `shared[r]` the first of process r's (the golds
+        under in-batch negatives): the batch's entity vectors are then every process's shared
+        ones in rank order, gathered with their gradients (gather_rows), followed by this
+        process's others. -> (b, C) float32.
         """
-        B, C, L = cand_ids.shape
-        present = cand_mask[:, :, 0].reshape(-1).bool()                              # (B*C,)
-        u = self.mention_vectors(mention_ids, mention_mask)                          # (B, m, d)
-        v = self.entity_vectors(cand_ids.view(B * C, L)[present],
-                                cand_mask.view(B * C, L)[present])                   # (P, n, d)
-        v = v.new_zeros((B * C, *v.shape[1:])).index_put((present.nonzero().squeeze(-1),), v)
+        u = self.mention_vectors(mention_ids, mention_mask)                          # (b, m, d)
+        v = self.entity_vectors(entity_ids, entity_mask)                             # (N, n, d)
+        if shared is not None:
+            mine = shared[torch.distributed.get_rank() if len(shared) > 1 else 0]
+            v = torch.cat([gather_rows(v[:mine], shared), v[mine:]])      # (sum(shared) + N - mine, n, d)
         with torch.autocast(u.device.type, enabled=False):  # scores in float32 (see Scorers)
-            scores = self.scorer(paired_interactions(u, v.view(B, C, *v.shape[1:])))
-        return scores.masked_fill(~present.view(B, C), float("-inf"))               # (B, C)
+            return batch_scores(self.scorer, u, v, index)                           # (b, C)
+
+
+def batch_scores(scorer, u, v, index):
+    """The scores of each mention's candidates, given as rows of the batch's entity vectors: one
+    scorer call on their dot products (paired_interactions).
+
+    u: (b, m, d) mention vectors, v: (N, n, d) entity vectors, index: (b, C) rows of v, -1 for a
+    missing candidate -> (b, C) float32, -inf where missing.
+
+    >>> v = torch.tensor([[[1., 0.]], [[2., 2.]]])  # two entities, one vector each
+    >>> batch_scores(SCORERS["dual"], torch.ones(1, 1, 2), v, torch.tensor([[1, 0, -1]]))
+    tensor([[4., 1., -inf]])
+    """
+    g = paired_interactions(u, v[index.clamp(min=0)])                               # (b, C, m, n)
+    return scorer(g).masked_fill(index < 0, float("-inf"))
+
+
+def gather_rows(rows, counts):
+    """The rows every process holds, `counts[r]` of them on process r, concatenated in rank order
+    in every process, with their gradients: torch.distributed.nn.functional.all_gather, whose
+    backward sums over the processes the gradient of each process's rows (so DDP's mean over
+    processes is the gradient of the whole batch's mean loss). In one process: `rows`.
+    rows: (counts[rank], ...) -> (sum(counts), ...)."""
+    if len(counts) == 1:
+        return rows
+    from torch.distributed.nn.functional import all_gather
+    pad = rows.new_zeros((max(counts) - rows.shape[0], *rows.shape[1:]))  # all_gather: one shape
+    parts = all_gather(torch.cat([rows, pad]))
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,18 +381,22 @@ def load_retriever(pretrained, type_model, num_mention_vecs, num_entity_vecs,
 # Negatives
 
 def candidate_counts(type_cands, num_cands, cands_ratio):
-    """(num_rands, num_hards) per mention (docs/DESIGN.md#negatives): mixed_negative draws
-    int(C r) at random and mines the rest; hard_negative / hard_adjusted_negative sample all C;
-    random_negative none.
+    """(num_rands, num_hards) per mention besides the in-batch ones (docs/DESIGN.md#negatives):
+    mixed_negative and in_batch_hard draw int(C r) at random and mine the rest; hard_negative /
+    hard_adjusted_negative sample all C; random_negative none; in_batch draws and mines nothing.
 
     >>> candidate_counts("mixed_negative", 64, 0.5), candidate_counts("hard_negative", 64, 0.5)
     ((32, 32), (0, 64))
+    >>> candidate_counts("in_batch", 64, 0.5), candidate_counts("in_batch_hard", 64, 0.0)
+    ((0, 0), (0, 64))
     """
-    if type_cands == "mixed_negative":
+    if type_cands in ("mixed_negative", "in_batch_hard"):
         num_rands = int(num_cands * cands_ratio)
         return num_rands, num_cands - num_rands
     if type_cands == "random_negative":
         return num_cands, 0
+    if type_cands == "in_batch":
+        return 0, 0
     return 0, num_cands
 
 
@@ -406,6 +460,60 @@ def training_candidates(golds, num_entities, num_rands, hard=None, stream=None):
     if hard is not None:
         parts.append(hard)
     return torch.cat(parts, 1)
+
+
+def distinct(values):
+    """The distinct values of a 1-d tensor in the order they first occur, and where each value
+    is among them. values: (n,) -> (distinct (N,), rows (n,)), distinct[rows] == values.
+
+    >>> distinct(torch.tensor([7, 3, 7, 5, 3]))
+    (tensor([7, 3, 5]), tensor([0, 1, 0, 2, 1]))
+    """
+    ordered, rows = torch.unique(values, return_inverse=True)              # (N,) sorted, (n,)
+    first = torch.full_like(ordered, len(values)).scatter_reduce(
+        0, rows, torch.arange(len(values)), "amin")                      # (N,) first position
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return ordered[order], rank[rows]
+
+
+def in_batch_candidates(cands):
+    """Each mention's candidates with the golds of the batch's other mentions (in batch order)
+    put after its own gold: cands (B, 1 + K), gold first -> (B, B + K). The caller masks, among
+    columns 1..B-1, the repeats of a mention's own gold.
+
+    >>> in_batch_candidates(torch.tensor([[5, 50], [6, 60], [5, 70]])).tolist()
+    [[5, 6, 5, 50], [6, 5, 5, 60], [5, 5, 6, 70]]
+    """
+    B = cands.shape[0]
+    others = torch.arange(B).repeat(B, 1)[~torch.eye(B, dtype=torch.bool)].view(B, B - 1)
+    return torch.cat([cands[:, :1], cands[others, 0], cands[:, 1:]], 1)
+
+
+@dataclass
+class BatchCandidates:
+    """One process's share of a training batch, each candidate a row of the batch's entity
+    vectors (docs/DESIGN.md#negatives), so that an entity several mentions share is encoded
+    once. The batch's entity vectors, as Retriever.forward builds them: the shared entities (the
+    batch's golds under in-batch negatives), `shared[r]` of them encoded by process r, gathered
+    in rank order; then the others this process encodes."""
+    mentions: torch.Tensor      # (b,) this process's mentions
+    entities: torch.Tensor      # (N,) the entities it encodes: its shared ones first
+    index: torch.Tensor         # (b, 1 + C) gold and negatives, rows of the entity vectors, -1: none
+    shared: list = None         # [S_r] shared entities per process (in-batch negatives), or None
+    log_q: torch.Tensor = None  # (b, C) log q of the negatives (hard_adjusted_negative), or None
+
+
+def share_bounds(n, world_size):
+    """[(start, end)] of each process's share of a batch of n mentions (tensor_split's).
+
+    >>> share_bounds(5, 2)
+    [(0, 3), (3, 5)]
+    """
+    sizes = [len(part) for part in torch.arange(n).tensor_split(world_size)]
+    ends = np.cumsum(sizes).tolist()
+    return [(end - size, end) for size, end in zip(sizes, ends)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,18 +769,40 @@ class EpochNegatives:
     num_rands: int              # random negatives per mention and visit
     hard: torch.Tensor = None   # (M, H) the mined negatives of every mention, or None
     log_q: torch.Tensor = None  # (M, H) their log-probabilities (hard_adjusted_negative), or None
+    in_batch: bool = False      # the other golds of the batch are negatives too (IN_BATCH)
 
     def batch(self, mentions, stream, rank=0, world_size=1):
-        """The candidates of a batch of mention indices (B,), this process's share of it:
-        (own mentions (b,), candidates (b, 1 + C) gold first, log_q (b, C) or None), b = B / P.
-        The random negatives of the whole batch are drawn from `stream`
-        (random_negative_stream), in the batch's order, so that every process draws alike."""
-        cands = training_candidates(self.golds[mentions], self.num_entities, self.num_rands,
+        """This process's share of a batch of mention indices (B,), b = B / P of them, as
+        BatchCandidates: each mention's candidates [gold] (+ the batch's other golds, in-batch)
+        + random + mined negatives, as rows of the batch's entity vectors. The random negatives
+        of the whole batch are drawn from `stream` (random_negative_stream), in the batch's
+        order, so that every process draws alike; under in-batch negatives every process knows
+        every process's shared golds, so nothing but the vectors is communicated."""
+        golds = self.golds[mentions]                                              # (B,)
+        cands = training_candidates(golds, self.num_entities, self.num_rands,
                                     None if self.hard is None else self.hard[mentions],
-                                    stream)                               # (B, 1 + C)
-        own = mentions.tensor_split(world_size)[rank]
-        return (own, cands.tensor_split(world_size)[rank],
-                None if self.log_q is None else self.log_q[own])
+                                    stream)                                       # (B, 1 + K)
+        start, end = share_bounds(len(mentions), world_size)[rank]
+        own = slice(start, end)
+        log_q = None if self.log_q is None else self.log_q[mentions[own]]
+        if not self.in_batch:  # every entity of this process's candidates, once
+            entities, rows = distinct(cands[own].reshape(-1))
+            return BatchCandidates(mentions[own], entities, rows.view(end - start, -1),
+                                   None, log_q)
+        # The batch's distinct golds are shared, rows 0..S-1 of the batch's entity vectors: each
+        # encoded by the process whose share holds it first, gathered by all. seen[j]: distinct
+        # golds among the first j (their rows count in order of first occurrence).
+        shared, gold_rows = distinct(golds)                                       # (S,), (B,)
+        seen = [0] + (gold_rows.cummax(0).values + 1).tolist()                    # (B + 1,)
+        counts = [seen[z] - seen[a] for a, z in share_bounds(len(mentions), world_size)]
+        cands = in_batch_candidates(cands)[own]                                   # (b, B + K)
+        entities, rows = distinct(torch.cat([shared, cands.reshape(-1)]))
+        index = rows[len(shared):].view(end - start, -1)                          # (b, B + K)
+        B = len(golds)  # a repeat of a mention's own gold is not its negative: masked, -inf
+        index[:, 1:B][cands[:, 1:B] == cands[:, :1]] = -1
+        return BatchCandidates(mentions[own], torch.cat([shared[seen[start]:seen[end]],
+                                                         entities[len(shared):]]),
+                               index, counts, log_q)
 
 
 def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothing_value=1.0,
@@ -680,9 +810,10 @@ def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothin
                     dtype=None, rt=None, quiet=True):
     """The negatives of one training epoch as `--type_cands` asks (docs/DESIGN.md#negatives):
     the hard ones mined with the current `model` over all entities of the split `data`
-    (SplitData) when the type needs them (the top-scoring for mixed_negative, a sample for
-    hard_negative and hard_adjusted_negative, drawn with `generator` on `device`), the counts from
-    `num_cands` and `cands_ratio`, and log q kept for hard_adjusted_negative. -> EpochNegatives."""
+    (SplitData) when the type needs them (the top-scoring for mixed_negative and in_batch_hard, a
+    sample for hard_negative and hard_adjusted_negative, drawn with `generator` on `device`),
+    the counts from `num_cands` and `cands_ratio`, log q kept for hard_adjusted_negative, and
+    whether the batch's other golds are negatives (in_batch, in_batch_hard). -> EpochNegatives."""
     num_rands, num_hards = candidate_counts(type_cands, num_cands, cands_ratio)
     hard = log_q = None
     if num_hards > 0:
@@ -693,7 +824,8 @@ def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothin
             mention_bsz=mention_bsz, entity_bsz=entity_bsz, device=device, dtype=dtype, rt=rt,
             quiet=quiet)
     return EpochNegatives(data.golds, len(data.entities), num_rands, hard,
-                          log_q if type_cands == "hard_adjusted_negative" else None)
+                          log_q if type_cands == "hard_adjusted_negative" else None,
+                          type_cands in IN_BATCH)
 
 
 # ----------------------------------------------------------------------------------------------

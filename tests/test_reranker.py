@@ -213,8 +213,9 @@ def test_retriever_scorers_over_candidates(type_model):
     mention_mask, cand_mask = torch.ones_like(mention), torch.ones_like(cands)
     with torch.no_grad():
         scores = model(mention, mention_mask, cands, cand_mask)  # (2, 3)
-        # the same as the retriever's own scores of these candidates
-        expected = model.retriever(mention[:, 0], mention_mask[:, 0], cands, cand_mask)
+        # the same as the retriever's own scores of these candidates (rows 0..5 of their windows)
+        expected = model.retriever(mention[:, 0], mention_mask[:, 0], cands.view(6, 8),
+                                   cand_mask.view(6, 8), torch.arange(6).view(2, 3))
         assert torch.allclose(scores, expected, atol=1e-5)
         cand_mask[1, 2] = 0
         cands[1, 2] = 0

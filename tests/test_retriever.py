@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from retriever import (SCORERS, CodeAttention, GumbelTopK, Retriever, TopK, adjust_negative_scores,
-                       all_pairs_interactions, candidate_counts, entity_chunks, epoch_negatives,
-                       mine_hard_negatives, nce_loss, paired_interactions, sample_random_negatives,
-                       stream_scores, training_candidates, vector_counts)
+                       all_pairs_interactions, batch_scores, candidate_counts, entity_chunks,
+                       epoch_negatives, mine_hard_negatives, nce_loss, paired_interactions,
+                       sample_random_negatives, stream_scores, training_candidates, vector_counts)
 
 CPU = torch.device("cpu")
 
@@ -102,15 +102,19 @@ def test_retriever_vectors_and_training_loss(codes):
     if not codes:  # the entity encoder starts as a copy of the mention encoder
         assert torch.allclose(v, hidden[:, :2])
 
-    cand_ids = torch.randint(40, (2, 3, 8))                      # (B, 1 + K, L), gold first
-    cand_mask = torch.ones(2, 3, 8, dtype=torch.long)
+    entity_ids = torch.randint(40, (4, 8))                       # (N, L) the batch's entities
+    entity_mask = torch.ones(4, 8, dtype=torch.long)
+    index = torch.tensor([[2, 0, 3], [1, 2, 0]])                 # (B, 1 + K) rows, gold first
     cu = model.mention_vectors(ids[:2], mask[:2])
-    cv = model.entity_vectors(cand_ids.view(6, 8), cand_mask.view(6, 8)).view(2, 3, 2, 16)
-    scores = torch.tensor([[BY_HAND["sum_max"](cu[b].double(), cv[b, c].double())
+    cv = model.entity_vectors(entity_ids, entity_mask)            # (N, n, d)
+    scores = torch.tensor([[BY_HAND["sum_max"](cu[b].double(), cv[index[b, c]].double())
                             for c in range(3)] for b in range(2)])
-    got = model(ids[:2], mask[:2], cand_ids, cand_mask)          # the model returns the scores
+    got = model(ids[:2], mask[:2], entity_ids, entity_mask, index)  # the model returns scores
     assert got.shape == (2, 3) and got.dtype == torch.float32
     assert torch.allclose(got, scores, atol=1e-4)
+    missing = model(ids[:2], mask[:2], entity_ids, entity_mask, index.masked_fill(index == 0, -1))
+    assert torch.equal(missing.isneginf(), index == 0)           # index -1: no candidate
+    assert torch.allclose(missing[index != 0], got[index != 0])
     # the loss: the mean over mentions of the cross-entropy with the gold at 0
     loss = nce_loss(got)
     assert torch.allclose(loss, -scores.log_softmax(1)[:, 0].mean().float(), atol=1e-4)
@@ -331,12 +335,33 @@ def test_gumbel_top_k_is_independent_of_chunking_in_distribution():
     assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()
 
 
+def entity_rows(cands, world_size, rank_entities):
+    """The entity of each row of the batch's entity vectors of each process (Retriever.forward's
+    layout): every process's shared entities in rank order, then its own others."""
+    shared = torch.cat([c.entities[:c.shared[r]] for r, c in enumerate(rank_entities)]) \
+        if cands.shared is not None else torch.zeros(0, dtype=torch.long)
+    own = cands.entities[cands.shared[cands.rank] if cands.shared is not None else 0:]
+    return torch.cat([shared, own])
+
+
+def process_shares(negatives, batch, seed, world_size):
+    """Each process's BatchCandidates of `batch` (the random draws from the same seed in all)."""
+    shares = []
+    for rank in range(world_size):
+        c = negatives.batch(batch, torch.Generator().manual_seed(seed), rank, world_size)
+        c.rank = rank
+        shares.append(c)
+    return shares
+
+
 @pytest.mark.parametrize("type_cands", ["mixed_negative", "hard_negative",
-                                        "hard_adjusted_negative", "random_negative"])
+                                        "hard_adjusted_negative", "random_negative", "in_batch",
+                                        "in_batch_hard"])
 def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
-    """One call gives an epoch's negatives; a batch's candidates are [gold] + fresh random + the
-    mined ones (training_candidates), log q only for hard_adjusted_negative, and the processes'
-    shares of a batch put together are the whole batch."""
+    """One call gives an epoch's negatives; a batch's candidates are [gold] (+ the other golds of
+    the batch, in batch order, for in-batch types) + fresh random + the mined ones
+    (training_candidates), as rows of entities encoded once each; log q only for
+    hard_adjusted_negative; the processes' shares of a batch put together are the whole batch."""
     from types import SimpleNamespace
     model, full, _ = table_setup()
     golds = torch.tensor([0, 4, 7, 11, 13, 2, 19, 5, 9])
@@ -349,20 +374,110 @@ def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     assert negatives.num_rands == num_rands and negatives.num_entities == 20
     assert (negatives.hard is None) == (num_hards == 0)
     assert (negatives.log_q is not None) == (type_cands == "hard_adjusted_negative")
-    if type_cands == "mixed_negative":
+    assert negatives.in_batch == (type_cands in ("in_batch", "in_batch_hard"))
+    if type_cands in ("mixed_negative", "in_batch_hard"):
         assert torch.equal(negatives.hard, full.topk(3, dim=1).indices)
+    golds[8] = golds[3]  # mentions 3 and 8 share their gold: 8 for in_batch_hard's hard ones
     batch = torch.tensor([3, 0, 8, 5])
-    own, cands, log_q = negatives.batch(batch, torch.Generator().manual_seed(1))
     expected = training_candidates(golds[batch], 20, num_rands,
                                    None if negatives.hard is None else negatives.hard[batch],
-                                   torch.Generator().manual_seed(1))
-    assert torch.equal(own, batch) and torch.equal(cands, expected)
-    assert cands.shape == (4, 1 + 6) and torch.equal(cands[:, 0], golds[batch])
-    if log_q is not None:
-        assert torch.equal(log_q, negatives.log_q[batch])
-    shares = [negatives.batch(batch, torch.Generator().manual_seed(1), rank, 2) for rank in (0, 1)]
-    assert torch.equal(torch.cat([s[0] for s in shares]), own)
-    assert torch.equal(torch.cat([s[1] for s in shares]), cands)
+                                   torch.Generator().manual_seed(1))          # (B, 1 + K)
+    if negatives.in_batch:  # the golds of the others, in batch order, after the own gold
+        others = [[golds[batch[j]] for j in range(4) if j != i] for i in range(4)]
+        expected = torch.cat([expected[:, :1], torch.tensor(others), expected[:, 1:]], 1)
+    for world_size in (1, 2):
+        shares = process_shares(negatives, batch, 1, world_size)
+        for c in shares:
+            rows = entity_rows(c, world_size, shares)                # (rows,) entity of each row
+            assert len(set(c.entities.tolist())) == len(c.entities)  # encoded once each
+            if not negatives.in_batch:
+                assert c.shared is None
+            own = torch.tensor([batch.tolist().index(m) for m in c.mentions.tolist()])
+            want = expected[own]
+            got = torch.where(c.index >= 0, rows[c.index.clamp(min=0)], -1)
+            masked = torch.zeros_like(want, dtype=torch.bool)
+            if negatives.in_batch:  # a repeat of a mention's own gold is not its negative
+                masked[:, 1:4] = want[:, 1:4] == want[:, :1]
+                assert masked.any() == (3 in c.mentions.tolist() or 8 in c.mentions.tolist())
+            assert torch.equal(got, want.masked_fill(masked, -1))
+            if c.log_q is not None:
+                assert torch.equal(c.log_q, negatives.log_q[c.mentions])
+        assert torch.equal(torch.cat([c.mentions for c in shares]), batch)
+    if negatives.in_batch:  # each distinct gold of the batch encoded by one process only
+        assert shares[0].shared == shares[1].shared == [2, 1]  # 3 and 8 share a gold
+        assert golds[batch].tolist() == [11, 0, 11, 2]
+        assert torch.cat([c.entities[:c.shared[r]] for r, c in enumerate(shares)]).tolist() == \
+            [11, 0, 2]
+
+
+class TableEncoders(TableModel):
+    """Retriever.forward over fixed vector tables (row ids[:, 0]), with gradients into them."""
+    forward = Retriever.forward
+
+
+@pytest.mark.parametrize("type_cands", ["in_batch", "in_batch_hard"])
+def test_in_batch_loss_equals_brute_force(type_cands):
+    """The loss of in-batch negatives: mention i against its gold g_i and the golds g_j of the
+    batch's other mentions (a g_j equal to g_i left out), + its random and hard negatives for
+    in_batch_hard: -s(i, g_i) + log(exp s(i, g_i) + sum_{j != i, g_j != g_i} exp s(i, g_j)
+    + sum_k exp s(i, n_ik)), meaned over the batch."""
+    from types import SimpleNamespace
+    model, full, _ = table_setup(M=9, E=20, seed=3)
+    golds = torch.tensor([0, 4, 7, 4, 13, 2, 19, 4, 9])   # entity 4 the gold of 3 mentions
+    data = SimpleNamespace(mention_ids=row_ids(9)[0], mention_mask=row_ids(9)[1],
+                           entity_ids=row_ids(20)[0], entity_mask=row_ids(20)[1], golds=golds,
+                           entities=range(20))
+    negatives = epoch_negatives(model, data, type_cands, 4, 0.5, entity_bsz=7, device=CPU)
+    batch = torch.tensor([1, 3, 0, 7, 5, 8])
+    c = negatives.batch(batch, torch.Generator().manual_seed(2))
+    rand = sample_random_negatives(golds[batch], 20, negatives.num_rands,
+                                   torch.Generator().manual_seed(2))          # the same draws
+    K = negatives.num_rands + (0 if negatives.hard is None else negatives.hard.shape[1])
+    assert c.index.shape == (6, 6 + K)                    # [gold] + 5 in-batch + K
+    assert (c.index == -1).sum(1).tolist() == [2, 2, 0, 2, 0, 0]   # the repeats of gold 4
+    model = TableEncoders(model.mention_table, model.entity_table)
+    (mention_ids, mention_mask), (entity_ids, entity_mask) = row_ids(9), row_ids(20)
+    loss = nce_loss(model(mention_ids[c.mentions], mention_mask[c.mentions],
+                          entity_ids[c.entities], entity_mask[c.entities], c.index))
+    terms = []
+    for i, m in enumerate(batch.tolist()):
+        gold = golds[m].item()
+        negs = [golds[j].item() for j in batch.tolist() if j != m and golds[j] != gold]
+        if type_cands == "in_batch_hard":
+            negs += rand[i].tolist() + negatives.hard[m].tolist()
+        s = [full[m, gold].item()] + [full[m, e].item() for e in negs]
+        terms.append(-s[0] + math.log(sum(math.exp(x) for x in s)))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("type_cands", ["in_batch", "in_batch_hard", "mixed_negative"])
+def test_batch_loss_and_gradient_do_not_depend_on_the_processes(type_cands):
+    """The batch's loss (the mean over processes of each one's mean) and its gradient are the
+    same in 1, 2 and 3 processes: each process's vectors of the batch's entities, put together as
+    Retriever.forward's gather does (its shared rows from every process), give each mention the
+    same scores."""
+    from types import SimpleNamespace
+    model, _, _ = table_setup(M=12, E=20, seed=4)
+    golds = torch.tensor([0, 4, 7, 4, 13, 2, 19, 4, 9, 4, 1, 0])
+    data = SimpleNamespace(mention_ids=row_ids(12)[0], mention_mask=row_ids(12)[1],
+                           entity_ids=row_ids(20)[0], entity_mask=row_ids(20)[1], golds=golds,
+                           entities=range(20))
+    negatives = epoch_negatives(model, data, type_cands, 4, 0.5, entity_bsz=7, device=CPU)
+    batch = torch.tensor([1, 3, 0, 7, 5, 8, 11, 2, 9, 10, 6, 4])
+    u = model.mention_table.clone().requires_grad_()
+    v = model.entity_table.clone().requires_grad_()
+    results = []
+    for world_size in (1, 2, 3):
+        shares = process_shares(negatives, batch, 5, world_size)
+        loss = 0
+        for c in shares:
+            rows = entity_rows(c, world_size, shares)
+            loss = loss + nce_loss(batch_scores(SCORERS["sum_max"], u[c.mentions], v[rows],
+                                                c.index)) / world_size
+        results.append((loss.detach(), *torch.autograd.grad(loss, (u, v))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["original", "fresh"])
