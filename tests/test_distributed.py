@@ -136,3 +136,43 @@ def test_reranker_two_processes_close_to_single(toy, trained, single_candidates,
         eb = b[split][-1] if split == "val" else b[split]
         assert abs(ea["acc_unorm"] - eb["acc_unorm"]) <= 6.0, (split, ea["acc_unorm"], eb["acc_unorm"])
     assert "2 processes" in open(dist + ".log").read()
+
+
+@pytest.fixture(scope="module")
+def bert_without_dropout(toy, tmp_path_factory):
+    """The toy BERT with its dropout off: with dropout each process draws its own masks, so only
+    a run without it can be the same in 1 and 2 processes to the last digit."""
+    import shutil
+    folder = str(tmp_path_factory.mktemp("bert") / "bert")
+    shutil.copytree(toy[1], folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def test_in_batch_negatives_the_same_in_one_and_two_processes(toy, bert_without_dropout,
+                                                              tmp_path):
+    """--type_cands in_batch: the golds of the whole batch are every mention's negatives in any
+    number of processes (each process's golds gathered with their gradients), so 2 processes
+    log the losses of 1 and end with its recall; and training beats the untrained retriever."""
+    common = ["--data_dir", toy[0], "--pretrained", bert_without_dropout, "--B", 8, "--lr", 1e-3,
+              "--type_cands", "in_batch", "--logging_steps", 6, "--max_len", 16, "--k", 8,
+              "--type_model", "sum_max", "--num_mention_vecs", 8, "--num_entity_vecs", 8,
+              "--quiet"]
+    runs = {}
+    for name, epochs, nproc in (("untrained", 0, 1), ("one", 1, 1), ("two", 1, 2)):
+        model = str(tmp_path / f"{name}.pt")
+        argv = ["--model", model, "--epochs", epochs, *common]
+        ok(run_script("main_retriever.py", *argv) if nproc == 1 else
+           torchrun("main_retriever.py", *argv, nproc=nproc))
+        with open(model + ".results.json") as f:
+            runs[name] = json.load(f)
+    one, two = runs["one"], runs["two"]
+    assert len(one["losses"]) == 9 and one["losses"] == pytest.approx(two["losses"], abs=1e-4)
+    for key in ("recall@8", "accuracy"):
+        assert one["test"][key] == two["test"][key], (key, one["test"], two["test"])
+        assert one["val"][-1][key] == two["val"][-1][key]
+    assert one["test"]["recall@8"] >= runs["untrained"]["test"]["recall@8"] + 30
