@@ -386,22 +386,42 @@ def model_path_hint(name):
             f"local cache (offline? pass a local model folder with --pretrained)")
 
 
-# The encoder families our code runs (docs/DESIGN.md#run-safety): encoders with a [CLS]-like first
-# token, whose last_hidden_state gives one vector per token. Decoders (GPT-2) and encoder-decoders
-# (T5, BART) are refused before any work: they cannot encode a window both ways.
-ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert",
-                    "camembert", "mpnet", "deberta", "deberta-v2", "ernie", "megatron-bert",
-                    "rembert", "roformer", "xlm", "mobilebert", "squeezebert", "funnel")
+def causal_only_model_types():
+    """The model types that transformers' auto mappings know as causal language models but not
+    as masked ones: decoders (gpt2, llama, ...; bert and roberta, which have both heads, are
+    not among them)."""
+    from transformers.models.auto import modeling_auto
+    return (set(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+            - set(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES))
 
 
-DECODERS = ("gpt2", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "bloom", "falcon",
-            "qwen2", "phi", "gemma", "ctrl", "transfo-xl", "xlnet")
+def encoder_refusal(config):
+    """Why a model of this config is not an encoder this code can run, or None
+    (docs/DESIGN.md#run-safety): an encoder-decoder (`is_encoder_decoder`: T5, BART), a decoder
+    (`is_decoder`, or a model type transformers knows only as a causal language model: GPT-2,
+    Llama, ...). Every other model is accepted here; load_encoder then checks that it encodes.
+
+    >>> from transformers import BertConfig, GPT2Config, T5Config
+    >>> encoder_refusal(BertConfig()) is None
+    True
+    >>> encoder_refusal(GPT2Config()), encoder_refusal(T5Config())
+    ('a decoder: transformers knows it only as a causal language model', 'an encoder-decoder')
+    >>> encoder_refusal(BertConfig(is_decoder=True))
+    'a decoder: its config sets is_decoder'
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder"
+    if getattr(config, "is_decoder", False):
+        return "a decoder: its config sets is_decoder"
+    if getattr(config, "model_type", None) in causal_only_model_types():
+        return "a decoder: transformers knows it only as a causal language model"
+    return None
 
 
 def check_encoder(name, flag="--pretrained", loadable=True):
-    """Stop with one line, before any work, unless `name` (a folder or hub name) holds an encoder
-    of ENCODER_FAMILIES (its config says which); returns the config. `loadable=False`: a config
-    that cannot be loaded is left for load_encoder to report (None)."""
+    """Stop with one line, before any work, when `name` (a folder or hub name) holds no encoder
+    (its config says so: encoder_refusal); returns the config. `loadable=False`: a config that
+    cannot be loaded is left for load_encoder to report (None)."""
     from transformers import AutoConfig
     quiet_transformers()
     try:
@@ -410,17 +430,11 @@ def check_encoder(name, flag="--pretrained", loadable=True):
         if not loadable:
             return None
         die(f"{flag}: {model_path_hint(name)}")
-    kind = getattr(config, "model_type", None) or type(config).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        why = "an encoder-decoder"
-    elif getattr(config, "is_decoder", False) or kind in DECODERS:
-        why = "a decoder: each token sees only those before it"
-    elif kind not in ENCODER_FAMILIES:
-        why = "not an encoder family this code runs"
-    else:
-        return config
-    die(f"{flag}: {name} is a {kind} model ({why}); this code needs an encoder: "
-        f"{', '.join(ENCODER_FAMILIES[:6])}, ...")
+    why = encoder_refusal(config)
+    if why is not None:
+        kind = getattr(config, "model_type", None) or type(config).__name__
+        die(f"{flag}: {name} is a {kind} model ({why}); this code needs an encoder-only model "
+            f"(BERT, RoBERTa, DeBERTa, ELECTRA, ModernBERT, ...)")
     return config
 
 
@@ -437,8 +451,12 @@ def load_tokenizer(name, flag="--pretrained"):
                if getattr(tokenizer, f"{t}_id", None) is None]
     if missing:
         die(f"{flag}: the tokenizer of {name} has no {missing[0]} (an encoder's tokenizer has "
-            f"[CLS], [SEP] and [PAD] or their like)")
+            f"[CLS], [SEP] and [PAD] or their like: <s>, </s>, <pad>)")
     tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    for marker, i in zip(MARKERS, marker_ids(tokenizer)):
+        if tokenizer(marker, add_special_tokens=False)["input_ids"] != [i] \
+                or i == tokenizer.unk_token_id:
+            die(f"{flag}: the tokenizer of {name} does not keep the marker {marker} as one token")
     return tokenizer
 
 
@@ -523,8 +541,26 @@ def load_encoder(name, tokenizer, flag="--pretrained"):
     fingerprint = encoder_fingerprint(tokenizer, model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    check_encodes(model, tokenizer, name, flag)
     model.fingerprint = fingerprint
     return model
+
+
+def check_encodes(model, tokenizer, name, flag="--pretrained"):
+    """Stop unless the model loaded from `name` encodes as this code takes it: a window of token
+    ids and its attention mask in, one state of the config's hidden size per token out
+    (`last_hidden_state`)."""
+    ids = torch.tensor([[tokenizer.cls_token_id, tokenizer.sep_token_id]])   # (1, 2)
+    try:
+        with torch.no_grad():
+            hidden = getattr(model(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                             "last_hidden_state", None)
+    except Exception:
+        hidden = None
+    size = getattr(model.config, "hidden_size", None)
+    if hidden is None or tuple(hidden.shape) != (1, 2, size):
+        die(f"{flag}: {name} does not load as an encoder ({type(model).__name__} does not give "
+            f"one state of {size} numbers per token of a window)")
 
 
 def check_positions(encoder, length, flag):
