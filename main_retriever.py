@@ -9,13 +9,13 @@
 At the start of every epoch (the first included) the epoch's negatives are drawn and the hard ones
 mined with the current model (retriever.epoch_negatives); each mention is trained on [gold] +
 negatives with the NCE loss (retriever.nce_loss), every entity of a batch encoded once.
-`--type_cands in_batch`: the negatives of a mention are the golds of the batch's other mentions
+`--type_cands in_batch`: a mention's negatives are the golds of the batch's other mentions
 (BLINK's); `in_batch_hard`: those and the negatives mixed_negative gives (`--num_cands`,
-`--cands_ratio`: int(C r) random, the rest mined; `--cands_ratio 0` for in-batch + hard). After each epoch val is ranked (recall@k and
-top-1 accuracy, pooled over the split's entities as the original, and per world); the best epoch
-by `--eval_criterion` is kept in `<model>` (a later epoch replaces an equal one, as the original),
-the full state of the last one in `<model>.last` (`--resume_training` continues from it), and after
-the last epoch the best is reported on test. `<model>.results.json` holds every evaluation.
+`--cands_ratio`: int(C r) random, the rest mined; `--cands_ratio 0`: in-batch + hard). After each
+epoch val is ranked (recall@k and top-1 accuracy, pooled over the split's entities as the
+original, and per world); the best epoch by `--eval_criterion` is kept in `<model>` (a later epoch
+replaces an equal one, as the original), the full state of the last one in `<model>.last`
+(`--resume_training` continues from it), and after the last epoch the best is reported on test. `<model>.results.json` holds every evaluation.
 `--epochs 0` reports the untrained model (the zero-shot baseline) on val and test.
 
 Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` or `--fp16` for

@@ -310,7 +310,7 @@ class Retriever(nn.Module):
         v = self.entity_vectors(entity_ids, entity_mask)                             # (N, n, d)
         if shared is not None:
             mine = shared[torch.distributed.get_rank() if len(shared) > 1 else 0]
-            v = torch.cat([gather_rows(v[:mine], shared), v[mine:]])      # (sum(shared) + N - mine, n, d)
+            v = torch.cat([gather_rows(v[:mine], shared), v[mine:]])  # (S + N - mine, n, d)
         with torch.autocast(u.device.type, enabled=False):  # scores in float32 (see Scorers)
             return batch_scores(self.scorer, u, v, index)                           # (b, C)
 
@@ -500,7 +500,7 @@ class BatchCandidates:
     in rank order; then the others this process encodes."""
     mentions: torch.Tensor      # (b,) this process's mentions
     entities: torch.Tensor      # (N,) the entities it encodes: its shared ones first
-    index: torch.Tensor         # (b, 1 + C) gold and negatives, rows of the entity vectors, -1: none
+    index: torch.Tensor         # (b, 1 + C) gold and negatives as rows of those vectors, -1: none
     shared: list = None         # [S_r] shared entities per process (in-batch negatives), or None
     log_q: torch.Tensor = None  # (b, C) log q of the negatives (hard_adjusted_negative), or None
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import fails_with
 from retriever import (SCORERS, CodeAttention, GumbelTopK, Retriever, TopK, adjust_negative_scores,
                        all_pairs_interactions, batch_scores, candidate_counts, entity_chunks,
                        epoch_negatives, mine_hard_negatives, nce_loss, paired_interactions,
@@ -538,3 +539,23 @@ def test_bf16_ranks_as_float32(toy, encoder):
     assert (v16[:, 1:] < v16[:, :-1]).float().mean() > 0.99  # distinct scores, not ties
     first = [tuple(row) for row in i16.tolist()]
     assert len(set(first)) > len(first) // 2  # lists of their own, not one list per world
+
+
+def test_in_batch_flags(capsys):
+    """--type_cands in_batch needs 2 mentions a batch; --num_cands does nothing there and
+    --cands_ratio mixes random negatives into in_batch_hard's hard ones, as into mixed_negative's."""
+    import main_retriever
+    from cli import notices
+    base = ["--model", "m.pt", "--data_dir", "d"]
+    fails_with(main_retriever.main, capsys, base + ["--type_cands", "in_batch", "--B", "1"],
+               "--B", "2 mentions at least")
+    parser = main_retriever.build_parser()
+
+    def said(*argv):
+        args = main_retriever.check_args(parser.parse_args(base + list(argv)))
+        return " ".join(notices(args, parser, main_retriever.IGNORED_BY_MODE))
+    assert "--num_cands 8 has no effect" in said("--type_cands", "in_batch", "--num_cands", "8")
+    assert "--exclude_golds True has no effect" in said("--type_cands", "in_batch",
+                                                        "--exclude_golds")
+    assert said("--type_cands", "in_batch_hard", "--num_cands", "8", "--cands_ratio", "0",
+                "--exclude_golds") == ""
