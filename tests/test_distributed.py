@@ -153,13 +153,16 @@ def bert_without_dropout(toy, tmp_path_factory):
     return folder
 
 
+@pytest.mark.parametrize("type_cands", ["in_batch", "in_batch_hard"])
 def test_in_batch_negatives_the_same_in_one_and_two_processes(toy, bert_without_dropout,
-                                                              tmp_path):
+                                                              tmp_path, type_cands):
     """--type_cands in_batch: the golds of the whole batch are every mention's negatives in any
     number of processes (each process's golds gathered with their gradients), so 2 processes
-    log the losses of 1 and end with its recall; and training beats the untrained retriever."""
+    log the losses of 1 and end with its recall; and training beats the untrained retriever.
+    in_batch_hard: the same with 2 random and 2 mined negatives on top."""
     common = ["--data_dir", toy[0], "--pretrained", bert_without_dropout, "--B", 8, "--lr", 1e-3,
-              "--type_cands", "in_batch", "--logging_steps", 6, "--max_len", 16, "--k", 8,
+              "--type_cands", type_cands, "--num_cands", 4, "--cands_ratio", 0.5,
+              "--logging_steps", 6, "--max_len", 16, "--k", 8,
               "--type_model", "sum_max", "--num_mention_vecs", 8, "--num_entity_vecs", 8,
               "--quiet"]
     runs = {}
