@@ -15,8 +15,9 @@ negatives with the NCE loss (retriever.nce_loss), every entity of a batch encode
 epoch val is ranked (recall@k and top-1 accuracy, pooled over the split's entities as the
 original, and per world); the best epoch by `--eval_criterion` is kept in `<model>` (a later epoch
 replaces an equal one, as the original), the full state of the last one in `<model>.last`
-(`--resume_training` continues from it), and after the last epoch the best is reported on test. `<model>.results.json` holds every evaluation.
-`--epochs 0` reports the untrained model (the zero-shot baseline) on val and test.
+(`--resume_training` continues from it), and after the last epoch the best is reported on test.
+`<model>.results.json` holds every evaluation. `--epochs 0` reports the untrained model (the
+zero-shot baseline) on val and test.
 
 Float32 by default (TF32 matrix multiplies on a GPU), as the original; `--bf16` or `--fp16` for
 mixed precision. Under torchrun each process trains on B / processes mentions of every batch
