@@ -34,10 +34,10 @@ import torch
 from cli import (ArgumentParser, add_compatibility_args, add_data_arg, check_flag,
                  check_positive, notices)
 from data_loader import PRETRAINED, Zeshel, check_encoder, check_positions, pretrained_name
-from retriever import (IN_BATCH, RANDOM_NEGATIVES, TYPE_CANDS, add_scorer_args, candidate_counts,
-                       check_scorer_args, check_worlds_hold, encode_retriever_split,
-                       epoch_negatives, load_retriever, nce_loss, random_negative_stream,
-                       rank_split, ranking_entry, vector_counts)
+from retriever import (ENTITY_WINDOWS, IN_BATCH, RANDOM_NEGATIVES, TYPE_CANDS, add_scorer_args,
+                       candidate_counts, check_scorer_args, check_worlds_hold,
+                       encode_retriever_split, epoch_negatives, load_retriever, nce_loss,
+                       random_negative_stream, rank_split, ranking_entry, vector_counts)
 from run_safety import main as cli_main
 from training import (IGNORED_BY_OPTIMIZER, LossLog, Optimization, TrainingRun,
                       add_training_args, check_training_args, ends_accumulation, gradient_sync,
@@ -70,6 +70,11 @@ def build_parser():
     p.add_argument("--random_negatives", default="original", choices=RANDOM_NEGATIVES,
                    help="original: every epoch deals the same draws, whatever --seed, as the "
                         "original; fresh: drawn anew every epoch (docs/DESIGN.md#negatives)")
+    p.add_argument("--entity_windows", default="per_candidate", choices=ENTITY_WINDOWS,
+                   help="per_candidate: a window per candidate, as the original (an entity two "
+                        "candidates of a batch share: two dropout draws); distinct: each entity "
+                        "of a batch encoded once, faster where candidates repeat (in-batch "
+                        "negatives always share the golds)")
     p.add_argument("--k", type=int, default=64, help="recall@k")
     p.add_argument("--eval_criterion", default="recall", choices=["recall", "accuracy"])
     p.add_argument("--mention_bsz", type=int, default=512, free=True,
@@ -92,6 +97,8 @@ IGNORED_BY_MODE = (
                f"(--type_cands {a.type_cands})"),
     ("num_cands", lambda a: a.type_cands == "in_batch",
      lambda a: "--type_cands in_batch takes its negatives from the batch (--B)"),
+    ("entity_windows", lambda a: a.type_cands in IN_BATCH,
+     lambda a: f"--type_cands {a.type_cands} encodes each entity of a batch once"),
     ("smoothing_value", lambda a: a.type_cands not in ("hard_negative", "hard_adjusted_negative"),
      lambda a: f"only hard_negative and hard_adjusted_negative sample (--type_cands "
                f"{a.type_cands})"),
@@ -220,7 +227,7 @@ def train_retriever(args, rt, parser):
             unwrap(model), train, args.type_cands, args.num_cands, args.cands_ratio,
             smoothing_value=args.smoothing_value, exclude_golds=args.exclude_golds,
             generator=epoch_generator(args.seed, epoch, rt.rank, device),
-            mention_bsz=args.mention_bsz, **stream)
+            mention_bsz=args.mention_bsz, entity_windows=args.entity_windows, **stream)
         clock.lap(f"negatives, epoch {epoch + 1}")
         generator = epoch_generator(args.seed, epoch)  # the batches (and fresh random negatives)
         batches = [b for b in torch.randperm(len(train.golds), generator=generator).split(args.B)

@@ -400,6 +400,10 @@ def candidate_counts(type_cands, num_cands, cands_ratio):
     return 0, num_cands
 
 
+# --entity_windows: a training batch encodes a window per candidate (the original's), or each
+# distinct entity once (faster where candidates repeat; other dropout draws). In-batch negatives
+# always share the batch's golds.
+ENTITY_WINDOWS = ("per_candidate", "distinct")
 # --random_negatives: where an epoch's random negatives come from (docs/DESIGN.md#negatives)
 RANDOM_NEGATIVES = ("original", "fresh")
 # The original's dataset re-seeded Python's `random` with 42 whenever it was built, once per epoch
@@ -770,6 +774,7 @@ class EpochNegatives:
     hard: torch.Tensor = None   # (M, H) the mined negatives of every mention, or None
     log_q: torch.Tensor = None  # (M, H) their log-probabilities (hard_adjusted_negative), or None
     in_batch: bool = False      # the other golds of the batch are negatives too (IN_BATCH)
+    distinct: bool = False      # an entity several candidates share encoded once (--entity_windows)
 
     def batch(self, mentions, stream, rank=0, world_size=1):
         """This process's share of a batch of mention indices (B,), b = B / P of them, as
@@ -785,8 +790,9 @@ class EpochNegatives:
         start, end = share_bounds(len(mentions), world_size)[rank]
         own = slice(start, end)
         log_q = None if self.log_q is None else self.log_q[mentions[own]]
-        if not self.in_batch:  # every entity of this process's candidates, once
-            entities, rows = distinct(cands[own].reshape(-1))
+        if not self.in_batch:  # a window per candidate, as the original; or each entity once
+            flat = cands[own].reshape(-1)
+            entities, rows = distinct(flat) if self.distinct else (flat, torch.arange(len(flat)))
             return BatchCandidates(mentions[own], entities, rows.view(end - start, -1),
                                    None, log_q)
         # The batch's distinct golds are shared, rows 0..S-1 of the batch's entity vectors: each
@@ -807,13 +813,16 @@ class EpochNegatives:
 
 def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothing_value=1.0,
                     exclude_golds=False, generator=None, mention_bsz=512, entity_bsz=512, device,
-                    dtype=None, rt=None, quiet=True):
+                    dtype=None, rt=None, quiet=True, entity_windows="per_candidate"):
     """The negatives of one training epoch as `--type_cands` asks (docs/DESIGN.md#negatives):
     the hard ones mined with the current `model` over all entities of the split `data`
     (SplitData) when the type needs them (the top-scoring for mixed_negative and in_batch_hard, a
     sample for hard_negative and hard_adjusted_negative, drawn with `generator` on `device`),
-    the counts from `num_cands` and `cands_ratio`, log q kept for hard_adjusted_negative, and
-    whether the batch's other golds are negatives (in_batch, in_batch_hard). -> EpochNegatives."""
+    the counts from `num_cands` and `cands_ratio`, log q kept for hard_adjusted_negative,
+    whether the batch's other golds are negatives (in_batch, in_batch_hard), and whether a batch
+    encodes a window per candidate (`entity_windows` per_candidate, the original's: an entity two
+    candidates share gets two dropout draws) or each distinct entity once (distinct). ->
+    EpochNegatives."""
     num_rands, num_hards = candidate_counts(type_cands, num_cands, cands_ratio)
     hard = log_q = None
     if num_hards > 0:
@@ -825,7 +834,7 @@ def epoch_negatives(model, data, type_cands, num_cands, cands_ratio, *, smoothin
             quiet=quiet)
     return EpochNegatives(data.golds, len(data.entities), num_rands, hard,
                           log_q if type_cands == "hard_adjusted_negative" else None,
-                          type_cands in IN_BATCH)
+                          type_cands in IN_BATCH, entity_windows == "distinct")
 
 
 # ----------------------------------------------------------------------------------------------

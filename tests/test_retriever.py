@@ -361,7 +361,8 @@ def process_shares(negatives, batch, seed, world_size):
 def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     """One call gives an epoch's negatives; a batch's candidates are [gold] (+ the other golds of
     the batch, in batch order, for in-batch types) + fresh random + the mined ones
-    (training_candidates), as rows of entities encoded once each; log q only for
+    (training_candidates), as rows of the batch's entity windows: one per candidate (the
+    original's, --entity_windows per_candidate) or each entity once (distinct); log q only for
     hard_adjusted_negative; the processes' shares of a batch put together are the whole batch."""
     from types import SimpleNamespace
     model, full, _ = table_setup()
@@ -386,11 +387,16 @@ def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     if negatives.in_batch:  # the golds of the others, in batch order, after the own gold
         others = [[golds[batch[j]] for j in range(4) if j != i] for i in range(4)]
         expected = torch.cat([expected[:, :1], torch.tensor(others), expected[:, 1:]], 1)
-    for world_size in (1, 2):
+    windows = ("distinct",) if negatives.in_batch else ("per_candidate", "distinct")
+    for world_size, window in [(w, x) for w in (1, 2) for x in windows]:
+        negatives.distinct = window == "distinct"  # --entity_windows
         shares = process_shares(negatives, batch, 1, world_size)
         for c in shares:
             rows = entity_rows(c, world_size, shares)                # (rows,) entity of each row
-            assert len(set(c.entities.tolist())) == len(c.entities)  # encoded once each
+            if window == "distinct":
+                assert len(set(c.entities.tolist())) == len(c.entities)  # encoded once each
+            else:  # the original's: a window per candidate, in order
+                assert torch.equal(c.index.reshape(-1), torch.arange(len(c.entities)))
             if not negatives.in_batch:
                 assert c.shared is None
             own = torch.tensor([batch.tolist().index(m) for m in c.mentions.tolist()])
