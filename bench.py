@@ -324,11 +324,13 @@ def bench_encoders(cfg, device, dtype):
     B, C = cfg["ret_B"], cfg["ret_C"]
     opt = torch.optim.AdamW(retriever.parameters(), lr=1e-5)
     m_ids = torch.randint(1000, 30000, (B, L), device=device)
-    c_ids = torch.randint(1000, 30000, (B, C, L), device=device)
+    c_ids = torch.randint(1000, 30000, (B * C, L), device=device)  # a window per candidate
+    index = torch.arange(B * C, device=device).view(B, C)          # (B, C) rows of c_ids
 
     def ret_step():
         with autocast(device, dtype):
-            loss = nce_loss(retriever(m_ids, torch.ones_like(m_ids), c_ids, torch.ones_like(c_ids)))
+            loss = nce_loss(retriever(m_ids, torch.ones_like(m_ids), c_ids, torch.ones_like(c_ids),
+                                      index))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -684,7 +686,9 @@ def main(argv=None):
     res["tokenization"] = bench_tokenization(cfg)
 
     fast = "bfloat16" if device.type == "cuda" else "float32"
-    dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    # --bf16 keeps the vectors in bfloat16 and scores them in float32 (retriever.float32_product):
+    # its cost against float32 vectors, and against the bfloat16 matmul's rate, on every device
+    dtypes = ["float32", "bfloat16"]
     res["matmul"] = {dt: matmul_rate(cfg["matmul"], getattr(torch, dt), device, cfg["repeats"])
                      for dt in dtypes}
     print("scoring ...", file=sys.stderr)
