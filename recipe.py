@@ -34,7 +34,7 @@ HARD_SHARES = (0, 25, 50, 75, 100)  # p: share of hard negatives among --num_can
 # encoder (one [CLS]-position vector each side), each mention's negatives the other golds of its
 # batch of 128, one optimizer step per batch; warm-up 0.1, decay 0.01, clipping 1.0 and epsilon
 # 1e-6 are BLINK's defaults as well as ours, given here so that the line says them.
-# docs/DESIGN.md#blink says which parts map exactly and which do not.
+# docs/DESIGN.md#negatives says which parts map exactly and which do not.
 BLINK = ["--type_model", "dual", "--num_mention_vecs", "1", "--num_entity_vecs", "1",
          "--type_cands", "in_batch", "--B", "128", "--gradient_accumulation_steps", "1",
          "--lr", "1e-5", "--epochs", "5", "--max_len", "128", "--pretrained", "bert-large-uncased",

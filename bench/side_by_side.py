@@ -2,7 +2,7 @@
 
     python bench/side_by_side.py --reference /work/shared/reference-2021 \\
         --python2021 VENV2021/bin/python --out /tmp/sbs --seeds 1 2 3 4 5 6 \\
-        --modes 2021 default fresh repeat
+        --modes 2021 default fresh
 
 Modes: `2021` runs the authors' main_retriever.py (through bench/reference_runner.py, with
 --python2021: transformers 4.57); `default` runs our main_retriever.py (the one beside this
