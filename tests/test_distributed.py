@@ -88,9 +88,9 @@ def test_candidates_two_processes_identical(toy, trained, single_candidates, tmp
     folder = str(tmp_path / "cands")
     ok(torchrun("save_candidates.py", *candidates_args(toy, trained[0], folder), nproc=2))
     assert read_candidates_dir(folder) == single_candidates
-    assert sorted(os.listdir(folder)) == ["candidates_test.json", "candidates_train.json",
-                                          "candidates_val.json", "manifest.json", "recall.json",
-                                          "save_candidates.log"]
+    assert sorted(os.listdir(folder)) == [".hard-nce-el.record", "candidates_test.json",
+                                          "candidates_train.json", "candidates_val.json",
+                                          "recall.json", "save_candidates.log"]
 
 
 def test_candidates_two_nodes_identical(toy, trained, single_candidates, tmp_path):
@@ -114,7 +114,8 @@ def test_retriever_distributed_close_to_single(toy, trained, tmp_path, nodes):
         b = single[split][-1] if split == "val" else single[split]
         assert abs(a["recall@16"] - b["recall@16"]) <= 5.0, (split, a["recall@16"], b["recall@16"])
     # one process writes: one log, one results file, the checkpoints
-    assert sorted(os.listdir(tmp_path)) == ["ret.pt", "ret.pt.last", "ret.pt.log", "ret.pt.results.json"]
+    assert sorted(os.listdir(tmp_path)) == [".hard-nce-el.record", "ret.pt", "ret.pt.last",
+                                            "ret.pt.log", "ret.pt.results.json"]
     assert "2 processes" in open(model + ".log").read()
 
 
