@@ -1,7 +1,7 @@
 """The 2021 code's retriever and ours, side by side on the same unseen data: test recall@8 per seed.
 
-    python bench/side_by_side.py --reference /work/shared/reference-2021 \\
-        --python2021 VENV2021/bin/python --out /tmp/sbs --seeds 1 2 3 4 5 6 \\
+    python bench/side_by_side.py --reference REFERENCE_DIR \\
+        --python2021 VENV2021/bin/python --out OUT --seeds 1 2 3 4 5 6 \\
         --modes 2021 default fresh
 
 Modes: `2021` runs the authors' main_retriever.py (through bench/reference_runner.py, with

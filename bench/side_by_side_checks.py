@@ -1,6 +1,6 @@
 """What bench/side_by_side.py compares, checked to be the same in both codes (bench/side_by_side.md).
 
-    python bench/side_by_side_checks.py --reference /work/shared/reference-2021 \\
+    python bench/side_by_side_checks.py --reference REFERENCE_DIR \\
         --python2021 VENV2021/bin/python --out /tmp/sbs [--seed 1]
 
 On the data of side_by_side.py (OUT/data, OUT/bert, written if missing):
