@@ -1,18 +1,8 @@
-"""Run safety (docs/DESIGN.md#run-safety): a run does what was asked or says why in one line, and
-loses or replaces nothing it should not. One design:
-
-- what a run reads is known by the digest of what it read (read once, hashed as read), and what
-  it writes by the digest of what it wrote: every file a tool writes is recorded, with its
-  digest and the description of the run that wrote it (its tool, defining flags and inputs), in
-  the record of its folder (`.hard-nce-el.record`);
-- `Outputs`: a run names every file it will write before any work; each must be writable, and
-  one that exists must be this project's, unchanged since written, and of this same run (a
-  rerun, or `--resume_training`), unless `--overwrite`;
-- files appear whole or not at all (`atomic_write`), and SIGINT, SIGTERM and SIGHUP wait for
-  the write in progress, then end the run in one line (`main`); the next run clears what a
-  killed one left;
-- `main` turns a UserError into one line and exit status 2.
-"""
+"""Run safety (docs/DESIGN.md#run-safety). What a run reads is known by the digest of what it read
+(read once), what it writes by the digest of what it wrote: every file a tool writes goes through
+`Outputs`, which checks it before any work, writes it whole and records it, with the run that
+wrote it, in its folder's record. SIGINT, SIGTERM and SIGHUP wait for the write in progress, then
+end the run in one line (cli.main); the next run clears what a killed one left."""
 import contextlib
 import errno
 import fcntl
@@ -63,19 +53,16 @@ def _on_signal(signum, frame):
 
 
 def check_stop():
-    """Between the pieces of a long write (an `Outputs.write` callback): a stop signal received
-    meanwhile ends the run now (Stopped; the temporary file is removed), not when the write
-    ends."""
+    """Between the pieces of a long write: a stop signal received meanwhile ends the run now."""
     if _PROCESS["pending"]:
         signum, _PROCESS["pending"] = _PROCESS["pending"], None
         raise Stopped(signum)
 
 
 def detach_worker(*_):
-    """A DataLoader worker's worker_init_fn: the main process alone handles a stop, then ends its
-    workers (a signal to the process group is one line, not a worker's crash), and the worker
-    closes its copy of the run's lock, so that the lock ends with the main process (a worker
-    outliving a killed run would hold it)."""
+    """A DataLoader worker's worker_init_fn: it leaves stop signals to the main process (which
+    ends its workers) and closes its copy of the run's lock (a worker outliving a killed run
+    would hold it)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     for fd, _ in _PROCESS["locks"].values():
@@ -99,8 +86,8 @@ def deferred_signals():
 
 
 def run_children(procs):
-    """Wait for child processes (subprocess.Popen); a stop signal is passed on to them, and this
-    process stops (Stopped) once they have ended, their files whole. Returns their exit codes."""
+    """Wait for child processes (Popen): their exit codes. A stop signal is passed on to them, and
+    this process stops once they have ended, their files whole."""
     try:
         return [p.wait() for p in procs]
     except Stopped as e:
@@ -147,10 +134,9 @@ class _Hashing(io.RawIOBase):
 
 
 def atomic_write(path, write, needed=None):
-    """Write `path` through write(f) (f a binary file) into a temporary file beside it, then
-    rename: it appears whole or not at all. Stop signals wait for the end (deferred_signals); an
-    OSError stops the run with one line naming `path` (`needed`: its bytes, when known). Returns
-    {"sha256", "bytes", "mtime_ns"} of what was written."""
+    """Write `path` through write(f) (a binary file) into a temporary file beside it, then rename:
+    whole or not at all; an OSError is one line naming `path`. -> {"sha256", "bytes",
+    "mtime_ns"} of what was written."""
     folder, name = os.path.split(os.path.abspath(path))
     with deferred_signals():
         tmp = None
@@ -180,17 +166,8 @@ def atomic_write(path, write, needed=None):
             raise output_error(path, cause, needed) from None
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_record(folder):
-    """The record of `folder` ({"files": {name: entry}, "runs": {key: description}}); empty when
-    there is none or it is not readable (its files then count as nobody's)."""
+    """{"files": {name: entry}, "runs": {key: description}} of `folder`; empty when unreadable."""
     try:
         with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
             record = json.load(f)
@@ -213,8 +190,8 @@ def _folder_locked(folder):
 
 
 def record_file(path, written, tool, description=None, role=None):
-    """Add `path` (written: atomic_write's result) to its folder's record, as written by `tool`
-    for the run `description`."""
+    """Record `path` (atomic_write's result) in its folder's record, written by `tool` for the run
+    `description`, under the folder's lock."""
     folder, name = os.path.split(os.path.abspath(path))
     key = run_key(description) if description is not None else None
     with _folder_locked(folder):
@@ -233,9 +210,8 @@ def run_key(description):
 
 
 def recorded(path, sha256=None):
-    """(entry, run description) of `path` in its folder's record when this project wrote it and
-    it is unchanged since (its size and modification time, else its digest, or `sha256` when
-    the caller hashed what it read, as recorded); else None."""
+    """(entry, run description) of `path` when this project wrote it and it is unchanged since (its
+    size and mtime, else its digest, or `sha256` the caller read, as recorded); else None."""
     folder, name = os.path.split(os.path.abspath(path))
     record = read_record(folder)
     entry = record["files"].get(name)
@@ -244,7 +220,7 @@ def recorded(path, sha256=None):
     stat = os.stat(path)
     same = (sha256 == entry.get("sha256") if sha256 else
             (stat.st_size, stat.st_mtime_ns) == (entry.get("bytes"), entry.get("mtime_ns"))
-            or file_sha256(path) == entry.get("sha256"))
+            or read_hashed(path, path)[1] == entry.get("sha256"))
     return (entry, record["runs"].get(entry.get("run"))) if same else None
 
 
@@ -252,8 +228,8 @@ def recorded(path, sha256=None):
 # A run's outputs: checked before any work, written whole, recorded
 
 def _check_writable(path, flag):
-    """Stop unless `path` can be written as a file: not a folder, its folder one that exists
-    and is writable or can be made, and its temporary name within the file system's limit."""
+    """Stop unless `path` can be written: not a folder, its folder writable or makeable, its
+    temporary name within the file system's limit."""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         die(f"{flag}: {path} is a folder; give the path of a file in it, e.g. "
             f"{os.path.join(path, 'model.pt')}")
@@ -272,18 +248,10 @@ def _check_writable(path, flag):
                    f"suffix); choose a shorter name")
 
 
-def check_output_dir(path, flag):
-    """Stop unless `path` is a writable folder or one that can be made."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        die(f"{flag}: {path} is a file, not a folder")
-    _check_writable(os.path.join(path, "x"), flag)
-
-
 class Outputs:
-    """The files one run of `tool` writes. `add` names each (checked writable at once); `start`
-    makes the folders, takes the run's `lock` and clears the temporary files a killed run left;
-    `claim(description)` stops unless every file that exists is this project's, unchanged, and
-    of a run described alike (a rerun), or `resume` continues it; `write` writes and records."""
+    """The files one run of `tool` writes: `add` names each (checked writable at once), `start`
+    makes the folders, takes the `lock` and clears a killed run's temporary files, `claim`
+    checks the files in the way, `write` writes whole and records."""
 
     def __init__(self, tool, overwrite=False, lock=None, flag="--model", resumable=False):
         self.tool, self.overwrite, self.lock, self.flag = tool, overwrite, lock, flag
@@ -291,10 +259,9 @@ class Outputs:
         self.files, self.made, self.description, self.owned = {}, [], None, {}
 
     def add(self, path, flag=None, role=None, own=None):
-        """Plan the output `path` (named by `flag`). `own(path) -> bool`: for a file in a format
-        that says whose it is (the original's pickle), whether an existing file there is this
-        tool's by its content; such a file is written without a record. Two outputs of one run
-        naming the same file stop the run."""
+        """Plan `path` (named by `flag`); two outputs naming one file stop the run. `own(path)`:
+        for a format that says whose it is (the original's pickle), whether a file there is this
+        tool's; it is written without a record."""
         flag = flag or self.flag
         _check_writable(path, flag)
         record = os.path.join(os.path.dirname(os.path.abspath(path)), RECORD)
@@ -331,12 +298,9 @@ class Outputs:
         return self
 
     def claim(self, description, resume=None, defaults=None, read=None):
-        """Stop (naming the flag and what differs) unless each existing output is this
-        project's file, unchanged since written, in the same role, of a run with
-        `description`; `resume`: the path read to continue, whose run must have it (but the
-        parts compare_runs lets a resumed run change). `read`: {path: sha256} of outputs the
-        caller read (resume). Returns the description of the run found (a rerun or resumed
-        run), or None."""
+        """Stop, naming the flag and what differs, unless each output in the way is this project's,
+        unchanged, in the same role, of a run with `description` (`resume`: the state continued;
+        `read`: {path: sha256} the caller read), or --overwrite. -> the run found, or None."""
         found = None
         foreign = (f"--resume_training: {resume} is not a run's state this project wrote (or it "
                    f"changed since); pass --overwrite with --resume_training to continue it anyway")
@@ -367,8 +331,7 @@ class Outputs:
         return found
 
     def write(self, path, write, needed=None, role=None):
-        """Write `path` (one of the outputs) through write(f), whole, and record it (a stop
-        signal waits for both)."""
+        """Write `path` through write(f), whole, and record it (a stop signal waits for both)."""
         role = self.files.get(os.path.abspath(path), (None, role))[1]
         with deferred_signals():
             written = atomic_write(path, write, needed)
@@ -391,9 +354,7 @@ class Outputs:
 
 
 def refuse(differ, moved, path, flag="--model", resume=False, resumable=False):
-    """Stop with one line on the first difference of compare_runs between the run at `path`
-    and this one (`resume`: the run continued); a path moved with the same content is a
-    notice."""
+    """One line on compare_runs' first difference with the run at `path`; a notice per move."""
     for name, old, new, why in differ:
         verb = "was trained with" if resume else "holds a run with"
         advice = ("resume with what it was trained on, or start a new --model" if resume else
@@ -423,11 +384,9 @@ def _tensors(obj):
 
 
 def compare_runs(old, new, defaults, resume=False):
-    """What differs between two runs of one tool ({"tool", "flags", "inputs"}): ([(flag, old,
-    new, why)], [(flag, old path, new path, what was compared)] of inputs moved with the same
-    content). A flag a description lacks counts as its default; an input is compared by content
-    (only the parts both record: a resumed run reads no initial weights), by path when one has
-    no content."""
+    """([(flag, old, new, why)], [(flag, old path, new path, compared)] of inputs moved) between
+    two runs {"tool", "flags", "inputs"}: a flag a run lacks counts as its default; inputs by
+    content (the parts both record: a resumed run reads no initial weights), else by path."""
     differ, moved = [], []
     flags_old, flags_new = old.get("flags", {}), new.get("flags", {})
     for k in sorted(set(flags_old) | set(flags_new)):
@@ -468,8 +427,8 @@ def read_hashed(path, flag):
 
 
 def load_checkpoint(path, flag="--model", script=None, keys=()):
-    """(state, sha256) of a checkpoint read once; stop with one line naming `flag` when it is
-    missing, unreadable, of another script than `script`, or lacks one of `keys`."""
+    """(state, sha256) of a checkpoint read once; one line naming `flag` when it is missing,
+    unreadable, another script's or lacks one of `keys`."""
     data, sha = read_hashed(path, flag)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -490,9 +449,8 @@ def load_checkpoint(path, flag="--model", script=None, keys=()):
 # The run's lock, and main()
 
 def take_lock(path, flag, made=()):
-    """Hold `path` (fcntl.flock, pid and host written in it) until the run ends; stop with one
-    line naming the holder when another run holds it. A lock a killed run left is taken over; a
-    file of that name that is no lock of ours (another text in it) is refused, never replaced."""
+    """Hold `path` (flock; pid and host in it) until the run ends; one line naming the holder when
+    another run holds it. A killed run's lock is taken over; a user's file there is refused."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -534,8 +492,7 @@ def _remove_empty(folders):
 
 
 def release_lock(path):
-    """Give back the lock `path` (take_lock, Outputs.start) before the run ends: a stage that
-    writes inside a longer run (an entity index built by a linking run)."""
+    """Give back the lock `path` (a stage that writes inside a longer run)."""
     fd, made = _PROCESS["locks"].pop(path, (None, ()))
     if fd is None:
         return
