@@ -49,7 +49,7 @@ def trained(toy, tmp_path_factory):
                               "--max_len", 16, "--k", K, "--num_cands", 4, "--type_cands",
                               "mixed_negative", "--cands_ratio", 0.5, "--type_model", "sum_max",
                               "--num_mention_vecs", 8, "--num_entity_vecs", 8, "--B", 8, "--lr",
-                              1e-3, "--epochs", 1, "--quiet"])
+                              2e-4, "--epochs", 1, "--quiet"])
     run(save_candidates.main, ["--model", p["ret"], "--data_dir", data, "--cands_dir",
                                p["cands"], "--num_cands", K, "--entity_bsz", CHUNK,
                                "--mention_bsz", 50, "--quiet"])
