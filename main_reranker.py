@@ -134,7 +134,7 @@ def check_candidates(cands_dir, digests, zeshel):
         notice(f"{cands_dir}: candidates not written by this project's save_candidates.py: "
                f"used unchecked")
         return
-    runs = set()
+    runs, now = set(), zeshel.fingerprint()
     for split, path in paths.items():
         got = recorded(path, digests[split])
         check_flag(got is not None and got[0].get("tool") == "save_candidates", "--cands_dir",
@@ -142,7 +142,6 @@ def check_candidates(cands_dir, digests, zeshel):
                    f"written by it); run save_candidates.py again")
         runs.add(got[0]["run"])
         made = (got[1] or {}).get("inputs", {}).get("data_dir", {}).get("content") or {}
-        now = zeshel.fingerprint()
         for s in digests:
             check_flag(made.get(s) in (None, now.get(s)), "--cands_dir",
                        f"{cands_dir} holds candidates made from other data (its {s} split "
