@@ -290,11 +290,10 @@ class Outputs:
         if self.lock and os.environ.get("RANK", "0") == "0":
             take_lock(self.lock, self.flag, self.made)
             for path in self.files:  # a dead run's temporary files (we hold the lock)
-                for tmp in glob.glob(glob.escape(os.path.join(os.path.dirname(path),
-                                                              f".{os.path.basename(path)}."))
-                                     + "*.tmp"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+                _remove_temporary(path)
+            for folder in folders:  # and of its folders' records (their writers hold this lock)
+                with _folder_locked(folder):
+                    _remove_temporary(os.path.join(folder, RECORD))
         return self
 
     def claim(self, description, resume=None, defaults=None, read=None):
@@ -483,6 +482,14 @@ def take_lock(path, flag, made=()):
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     _PROCESS["locks"][path] = (fd, list(made))
+
+
+def _remove_temporary(path):
+    """Remove the temporary files atomic_write makes beside `path` (a killed run's)."""
+    folder, name = os.path.split(path)
+    for tmp in glob.glob(glob.escape(os.path.join(folder, f".{name}.")) + "*.tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _remove_empty(folders):

@@ -373,6 +373,7 @@ def test_a_killed_runs_lock_and_temporary_files_are_cleared(world, tmp_path, cap
     shutil.copytree(world["ret"], out)
     (out / "m.pt.lock").write_text("pid 999999 on elsewhere\n")  # no process holds it
     (out / ".m.pt.last.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
+    (out / "..hard-nce-el.record.k1ll3d00.tmp").write_bytes(b"half a record")
     paths = {**world, "out": str(out)}
     argv = table_argv("R", {"--resume_training": True}, paths)
     code, lines, _ = run_in_process("main_retriever.py", argv, capfd)
