@@ -69,6 +69,15 @@ def detach_worker(*_):
         with contextlib.suppress(OSError):
             os.close(fd)
     _PROCESS["locks"].clear()
+    sys.excepthook = _quiet_when_main_is_gone
+
+
+def _quiet_when_main_is_gone(kind, value, tb, _print=sys.excepthook):
+    """In a worker only multiprocessing's resource sharer (the thread that hands tensors' file
+    descriptors to the main process) reports through sys.excepthook; a broken connection there
+    means the main process is stopping, which says so itself."""
+    if not issubclass(kind, (EOFError, ConnectionError)):
+        _print(kind, value, tb)
 
 
 @contextlib.contextmanager

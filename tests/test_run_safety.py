@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -363,6 +365,23 @@ def test_a_stop_signal_waits_for_the_write_in_progress(tmp_path, signum):
         assert len(f.readlines()) == 1000
     assert sorted(os.listdir(tmp_path)) == sorted([RECORD, "candidates_val.json"])
     assert run_safety.recorded(path) is not None
+
+
+def test_a_data_loader_worker_leaves_the_stop_to_the_main_process():
+    """In a worker (detach_worker, in a child process here): stop signals are ignored, and the
+    broken connections of multiprocessing's resource sharer while the main process stops
+    (EOFError, BrokenPipeError, ConnectionResetError, seen in tests/test_crash_safety.py's
+    process-group test) print nothing; any other error reported there still prints."""
+    code = ("import signal, sys, run_safety\n"
+            "run_safety.detach_worker(0)\n"
+            "assert all(signal.getsignal(s) == signal.SIG_IGN for s in run_safety.STOP_SIGNALS)\n"
+            "for e in (EOFError(), BrokenPipeError(32, 'x'), ConnectionResetError(104, 'x'),\n"
+            "          ValueError('other')):\n"
+            "    sys.excepthook(type(e), e, None)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == ["ValueError: other"], r.stderr
 
 
 def test_a_killed_runs_lock_and_temporary_files_are_cleared(world, tmp_path, capfd):
