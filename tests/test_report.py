@@ -312,9 +312,10 @@ def write(name, content):
     return make
 
 
-DEMO_SUMMARY = {"comparison": {"seeds": 1, "margin": 1.0, "spread": 0.0, "arms": {
-    "random": {"recall@1_per_seed": [50.0], "recall@1": 50.0},
-    "mixed": {"recall@1_per_seed": [60.0], "recall@1": 60.0}}},
+DEMO_SUMMARY = {"comparison": {"seeds": 2, "mean_gain": 10.0, "gain_interval_95": [-2.7, 22.7],
+                               "arms": {
+    "random": {"recall@1_per_seed": [50.0, 52.0], "recall@1": 51.0},
+    "mixed": {"recall@1_per_seed": [60.0, 62.0], "recall@1": 61.0}}},
     "pipeline": {"rows": [["w", 90.0, 60.0, 70.0, 80.0]]}, "reranker_encoder_kind": "MiniLM"}
 
 # A mistake in the inputs (a change to a retriever's results file, or a file beside it), the
