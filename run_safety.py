@@ -229,8 +229,21 @@ def recorded(path, sha256=None):
     stat = os.stat(path)
     same = (sha256 == entry.get("sha256") if sha256 else
             (stat.st_size, stat.st_mtime_ns) == (entry.get("bytes"), entry.get("mtime_ns"))
-            or read_hashed(path, path)[1] == entry.get("sha256"))
+            or _file_sha256(path) == entry.get("sha256"))
     return (entry, record["runs"].get(entry.get("run"))) if same else None
+
+
+def _file_sha256(path):
+    """The sha256 of a file, read in blocks: an entity index's vectors are up to 194 GB, more
+    than read_hashed (which keeps what it read) could hold."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    except OSError as e:
+        die(f"{path}: cannot read {path} ({e.strerror})")
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
