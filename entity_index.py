@@ -95,14 +95,15 @@ def entity_files(path, flag):
     return files
 
 
-def read_entities(path, flag="--entities"):
+def read_entities(path, flag="--entities", known=None):
     """The entities of `path` (entity_files) as a data_loader.EntitySet, with `documents`
     ({world: {document_id: {"title", "text"}}}), `path` (absolute), `digests` ({world: sha256 of
     the file's bytes as read}) and `sha256` (one digest of them all: the entities' content,
-    whatever folder holds them)."""
+    whatever folder holds them). `known`: {file: (documents, sha256)} of files read already
+    (data_loader.read_documents'), not read again."""
     documents, digests = {}, {}
     for world, file in entity_files(path, flag):
-        documents[world], digests[world] = read_documents(file, flag)
+        documents[world], digests[world] = (known or {}).get(file) or read_documents(file, flag)
     entities = EntitySet(documents, documents)
     entities.documents, entities.digests = documents, digests
     entities.path = os.path.abspath(path)
@@ -178,7 +179,7 @@ def read_manifest(folder):
         return None
     entry = read_record(folder)["files"].get(VECTORS) or {}
     if entry.get("tool") != TOOL or entry.get("sha256") != manifest["vectors"]["sha256"] or \
-            recorded(vectors, None) is None:
+            recorded(vectors) is None:
         return None
     return manifest
 
@@ -303,8 +304,9 @@ def build_index(plan, model, tokenizer, device, precision=None, quiet=True):
              for role, name in (("vectors", VECTORS), ("manifest", MANIFEST))}
     outputs.start()
     try:
-        if read_manifest(folder) is not None and _mismatch(read_manifest(folder), wanted) is None:
-            return open_index(folder)  # built meanwhile by a run beside this one
+        current = read_manifest(folder)
+        if current is not None and _mismatch(current, wanted) is None:
+            return open_index(folder, current)  # built meanwhile by a run beside this one
         for name in (MANIFEST, VECTORS):  # the manifest first: no complete index meanwhile
             if os.path.exists(os.path.join(folder, name)):
                 os.unlink(os.path.join(folder, name))

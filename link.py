@@ -159,8 +159,8 @@ class Linker:
         check_flag(index_dtype in (None, *INDEX_DTYPES), "--index_dtype",
                    f"{index_dtype!r} is not one of {', '.join(INDEX_DTYPES)}")
         self._load_retriever(retriever, pretrained)
-        manifest = read_manifest(index) if os.path.isdir(index) else None
-        if entities is None:
+        if entities is None:  # the index's (plan_index checks the index itself later)
+            manifest = read_manifest(index) if os.path.isdir(index) else None
             check_flag(manifest is not None, self.flags["entities"], f"give the entities: {index} "
                        f"holds no complete entity index yet, to read them from")
             entities = manifest["entities"]["path"]

@@ -236,12 +236,12 @@ def plan_entity_index(args, zeshel, model, sha, precision, rt):
     --en_hidden_path, checked before any work (entity_index.plan_index: reused, refused, or built
     with its size checked). Sets --index_dtype to the dtype ranked from when it is not float32
     (the run's record says so; float32 ranks as streaming does)."""
-    entities = read_entities(os.path.join(args.data_dir, "documents"), "--data_dir")
-    for path, digest in zeshel.digests.items():
-        world = os.path.splitext(os.path.basename(path))[0]
-        if os.path.basename(os.path.dirname(path)) == "documents":
-            check_flag(entities.digests.get(world) == digest, "--data_dir",
-                       f"{path} changed while it was read; run again")
+    folder = os.path.join(args.data_dir, "documents")
+    read = {}  # the splits' worlds, read by Zeshel: only the other worlds' files are read here
+    for world, docs in zeshel.documents.items():
+        path = os.path.join(folder, f"{world}.json")
+        read[path] = (docs, zeshel.digests[path])
+    entities = read_entities(folder, "--data_dir", known=read)
     wanted = Wanted({"path": absolute(args.model), "sha256": sha}, entities, args.type_model,
                     model.n, model.mention_encoder.config.hidden_size, args.max_len, precision,
                     args.index_dtype, "float32", args.entity_bsz,
