@@ -427,10 +427,10 @@ def quietly(main, argv):
         main([str(a) for a in argv])
 
 
-def bench_linking(work):
+def bench_linking(work, device):
     """Measured: the index build (entities/s), its files' size, a second call (the index
     reused), linking mentions/s without and with the reranker (medians of 3 calls) and its two
-    parts, for a real BERT (MiniLM) at the recipe's windows on this device; the checkpoints are
+    parts, for a real BERT (MiniLM) at the recipe's windows on `device`; the checkpoints are
     the scripts' own (untrained: timing only). Computed from the format: the index's size per
     scorer and dtype."""
     import shutil
@@ -472,7 +472,7 @@ def bench_linking(work):
     index = os.path.join(work, "index")
     documents = os.path.join(data, "documents")
     t = time.perf_counter()
-    linker = link.Linker(ret, index, entities=documents, build=False)
+    linker = link.Linker(ret, index, entities=documents, build=False, device=device)
     load = time.perf_counter() - t
     t = time.perf_counter()
     linker.build()
@@ -483,15 +483,13 @@ def bench_linking(work):
     d = linker.wanted.d
     assert size == entity_index.vectors_bytes(E, vecs, d, "float32")  # the format's size
     t = time.perf_counter()
-    link.Linker(ret, index)  # a second call: the index reused (its entities read, checked)
+    link.Linker(ret, index, device=device)  # a second call: the index reused (its entities read, checked)
     second = time.perf_counter() - t
 
     with open(os.path.join(data, "mentions", "test.json")) as f:
         zeshel_rows = [json.loads(line) for line in f][:LINKING["mentions"]]
     rows = linker.parse(zeshel_rows)
     pooled = [dict(m, world=None) for m in rows]  # the same mentions over all entities
-
-    device = linker.device
 
     def rate(linker_, mentions, repeats=3):  # mentions/s, the median of `repeats` calls
         return len(mentions) / timed(lambda: linker_.link(mentions, k), device, repeats, 0)
@@ -510,7 +508,7 @@ def bench_linking(work):
     encoding = len(rows) / timed(encode, device, 3, 0)
     u = encode()
     scoring_pairs = len(rows) * E / timed(lambda: score(u), device, 3, 0)
-    reranking = link.Linker(ret, index, reranker=rr)
+    reranking = link.Linker(ret, index, reranker=rr, device=device)
     few = rows[:LINKING["rerank_mentions"]]
     reranked = rate(reranking, few)
     sizes = {name: {dtype: {"per_10000": entity_index.vectors_bytes(10000, n, 768, dtype),
@@ -524,7 +522,7 @@ def bench_linking(work):
             "vectors_bytes": size, "manifest_bytes": manifest,
             "manifest_bytes_per_entity": manifest / E,
             "second_call_seconds": second, "first_call_seconds": load + build,
-            "mentions": len(rows), "own_world_entities": E // 7,
+            "mentions": len(rows), "own_world_entities": E // len(linker.index.worlds),
             "link_mentions_per_s_own_world": own, "link_mentions_per_s_all": everything,
             "mention_encoding_per_s": encoding, "scoring_mention_entity_pairs_per_s":
             scoring_pairs, "rerank_mentions": len(few), "link_rerank_mentions_per_s": reranked,
@@ -677,9 +675,8 @@ def main(argv=None):
            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "sizes": size, "config": cfg}
     if args.linking:
-        import tempfile
         with tempfile.TemporaryDirectory() as work:
-            res.update(bench_linking(work))
+            res.update(bench_linking(work, device))
         print_linking(res)
         return write_results(res, args.out, outputs)
     print("tokenization ...", file=sys.stderr)

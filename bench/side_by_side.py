@@ -55,7 +55,8 @@ def make_world_for_comparison(out_dir, seed=DATA_SEED):
     layers, a word-level vocabulary of every word and the markers); returns both paths. Each
     world is toy_world.make_world's (two mentions in each document); a world with a mention
     count keeps only its first mentions, so that its many entities do not make many mentions."""
-    from toy_world import FILLER, SPECIAL, make_world, pseudo_words, write_tiny_bert, write_worlds
+    from toy_world import (FILLER, SPECIAL, make_world, pseudo_words, world_outputs,
+                           write_tiny_bert, write_worlds)
     rng = random.Random(seed)
     names = pseudo_words(rng, 500, 3)
     topics = [w for w in pseudo_words(rng, 2000, 2) if w not in names]
@@ -67,8 +68,9 @@ def make_world_for_comparison(out_dir, seed=DATA_SEED):
         return docs, mentions[:keep]
 
     data, bert = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
-    write_worlds(data, {split: list(ws) for split, ws in WORLDS.items()}, make)
-    write_tiny_bert(bert, SPECIAL + FILLER + names + topics, seed)
+    outputs = world_outputs(out_dir, list(sizes))
+    write_worlds(outputs, data, {split: list(ws) for split, ws in WORLDS.items()}, make)
+    write_tiny_bert(bert, SPECIAL + FILLER + names + topics, seed, outputs=outputs)
     return data, bert
 
 
