@@ -39,6 +39,11 @@ from training import absolute
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def script_parser(script):
+    """The argument parser of one of the scripts (`main_retriever.py`, ...)."""
+    return importlib.import_module(script[:-len(".py")]).build_parser()
+
+
 class Run:
     """One command line of a recipe: `script` with `args`. Done when `done_file` is this
     project's and, for a training run (one with `last`, its saved state), holds the test
@@ -50,19 +55,19 @@ class Run:
         self.done_file, self.last = done_file, last
 
     def parser(self):
-        return importlib.import_module(self.script[:-len(".py")]).build_parser()
+        return script_parser(self.script)
 
     def state(self):
         """"run" (nothing of it yet, or unfinished with nothing to resume), "done" or "resume",
         from the run's files; stops in one line when one of them is not this project's (or
         changed since written) or holds a run with other flags than these (`differences`)."""
         done = resumable = False
+        tool = self.script[:-len(".py")]
         for path in (self.done_file, self.last):
             if path is None or not os.path.lexists(path):
                 continue
             data, sha = read_hashed(path, self.label) if path == self.done_file else (None, None)
             got = recorded(path, sha)
-            tool = self.script[:-len(".py")]
             if got is None or got[1] is None or got[0].get("tool") != tool:
                 die(f"{self.label}: {path} was not written by a run of {self.script} (or changed "
                     f"since); remove it, or choose another --out")
@@ -146,7 +151,7 @@ RECIPES = {"paper": paper_runs, "appendix": appendix_runs, "blink": blink_runs}
 
 def script_flags(script):
     """The option names `script` accepts, from its own parser."""
-    parser = Run("", script, [], "").parser()
+    parser = script_parser(script)
     return {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
 
 
@@ -246,11 +251,9 @@ def main(argv=None):
     check_flag(os.path.isdir(args.data_dir), "--data_dir", f"{args.data_dir} is not a folder")
     out = os.path.abspath(args.out)
     Outputs("sweep", flag="--out", lock=os.path.join(out, "sweep.lock")).start()
-    for run in runs:  # every run's files checked before any run starts
-        run.state()
+    states = [run.state() for run in runs]  # every run's files checked before any run starts
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    for i, run in enumerate(runs, 1):
-        state = run.state()
+    for i, (run, state) in enumerate(zip(runs, states), 1):
         if state == "done":
             print(f"[{i}/{len(runs)}] {run.label}: finished already, skipped", flush=True)
             continue
