@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,12 @@ def read_json(path):
         return json.load(f)
 
 
+def read_jsonl(path):
+    """The rows of a JSON-lines file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def read_results(model):
     """The results file a training run writes beside its checkpoint `model`."""
     return read_json(str(model) + ".results.json")
@@ -103,28 +110,16 @@ def read_results(model):
 
 def flags_argv(flags, paths):
     """argv from {flag: value}: None or False leaves the flag out, True writes it alone, any other
-    value follows it with "{name}" filled in from `paths`."""
+    value follows it; "{name}"s in both filled in from `paths` (a flag "{out}": a positional
+    argument)."""
     argv = []
     for flag, value in flags.items():
         if value is None or value is False:
             continue
-        argv.append(flag)
+        argv.append(flag.format(**paths))
         if value is not True:
             argv.append(str(value).format(**paths))
     return argv
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file under `folder` but logs."""
-    files = {}
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            if re.search(r"\.log(\.\d+)?$", name):
-                continue
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return files
 
 
 def run_in_process(script, argv, capfd):
@@ -168,6 +163,12 @@ def tree(folder):
             with open(path, "rb") as f:
                 files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return files
+
+
+def leftovers(folder):
+    """The temporary files and locks under `folder` (a run's, when it did not end cleanly)."""
+    return [os.path.join(d, n) for d, _, ns in os.walk(folder) for n in ns
+            if n.endswith((".tmp", ".lock"))]
 
 
 # A line of a run's log that only work past the checks writes: an epoch, a loss, or the end of
@@ -238,7 +239,6 @@ TABLE_SCRIPTS = {**SCRIPTS, "T": "toy_world.py", "D": "data_loader.py"}
 # started: a row's run is in this process)
 TABLE_BASE = {**BASE, "K": {**BASE["K"], "--num_workers": 0}, "T": {"{out}": True},
               "D": {"--data_dir": "{data}"}}
-RECORD_NAME = ".hard-nce-el.record"  # run_safety.RECORD
 
 
 class Text(str):
@@ -255,20 +255,12 @@ def table_row(row_id, script, flags, words=(), files=None, cwd=None):
 
 
 def table_argv(script, flags, paths):
-    argv = []
-    for flag, value in {**TABLE_BASE[script], **flags}.items():
-        if value is None or value is False:
-            continue
-        argv.append(flag.format(**paths))
-        if value is not True:
-            argv.append(str(value).format(**paths))
-    return argv
+    return flags_argv({**TABLE_BASE[script], **flags}, paths)
 
 
 def put_files(out, files, paths):
     """Put {name under `out`: source} in place: None makes a folder, a Text is the file's text,
     else the file or folder "{name}" is copied ("" names `out` itself)."""
-    import shutil
     for name, source in files.items():
         target = os.path.join(out, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -308,7 +300,6 @@ def write_encoder(kind, bert, out, seed=1):
     """A tiny randomly initialised encoder in `out` with the toy BERT's word-level tokenizer
     files: "bert" (another config than the toy BERT's), "bert_weights" (the toy BERT's config,
     other weights), "roberta" (34 positions: windows of at most 32 tokens)."""
-    import shutil
     import torch
     import transformers as t
     from utils import quiet_transformers
@@ -332,9 +323,9 @@ def write_encoder(kind, bert, out, seed=1):
 
 def edit_weights(bert, out, edit):
     """A copy of the encoder folder `bert` whose weights file holds edit({name: tensor})."""
-    import shutil
     from safetensors.torch import load_file, save_file
-    shutil.copytree(bert, out, ignore=shutil.ignore_patterns(RECORD_NAME))
+    from run_safety import RECORD
+    shutil.copytree(bert, out, ignore=shutil.ignore_patterns(RECORD))
     weights = load_file(os.path.join(bert, "model.safetensors"))
     save_file(edit(weights), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -365,8 +356,8 @@ def safety_world(toy, tmp_path_factory):
     "bert." with a pre-training head as BertForPreTraining saves them ({pretraining}); retriever checkpoints recording the encoder
     as a relative path "bert" and as an absent one ({stored}/relative.pt, absent.pt); a toy
     world as toy_world.py wrote it ({toyrun})."""
-    import shutil
     import torch
+    from run_safety import RECORD
     from toy_world import make_toy_world
     data, bert = toy
     root = tmp_path_factory.mktemp("safety")
@@ -383,7 +374,7 @@ def safety_world(toy, tmp_path_factory):
     p["bert_weights"] = write_encoder("bert_weights", bert, str(enc / "bert_weights"), seed=7)
     p["roberta"] = write_encoder("roberta", bert, str(enc / "roberta"))
     p["other_vocab"] = str(enc / "other_vocab")  # the same weights, another vocabulary
-    shutil.copytree(bert, p["other_vocab"], ignore=shutil.ignore_patterns(RECORD_NAME))
+    shutil.copytree(bert, p["other_vocab"], ignore=shutil.ignore_patterns(RECORD))
     with open(os.path.join(p["other_vocab"], "vocab.txt")) as f:
         words = f.read().splitlines()
     with open(os.path.join(p["other_vocab"], "vocab.txt"), "w") as f:

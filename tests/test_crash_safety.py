@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (BASE, ROOT, SCRIPT_ENV, SCRIPTS, flags_argv, log_says, read_json,
-                      run_in_process, run_script, start_script, tree, wait_for)
+from conftest import (BASE, DATA_FLAG, ROOT, SCRIPT_ENV, SCRIPTS, assert_refused, flags_argv,
+                      leftovers, log_says, read_json, run_in_process, run_script, start_script,
+                      table_argv, tree, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +27,6 @@ ENV = {**os.environ, **SCRIPT_ENV}
 # Two epochs of 18 batches, a loss line every 5 steps: "epoch 2 step" in the log means that
 # epoch 1 is saved and epoch 2 is training.
 LONG = {"--epochs": 2, "--B": 24, "--logging_steps": 5, "--lr": 1e-3}
-
-
-def leftovers(folder):
-    return [os.path.join(d, n) for d, _, ns in os.walk(folder) for n in ns
-            if n.endswith((".tmp", ".lock"))]
 
 
 def stderr_lines(text):
@@ -106,10 +102,10 @@ def test_a_signal_during_a_candidates_write(paths, retriever, tmp_path, capfd):
         f"save_candidates.py again"], r.stderr
     assert sorted(n for n in os.listdir(cands) if ".log" not in n) == [
         ".hard-nce-el.record", "candidates_train.json"]
-    reranker = flags_argv({**BASE["K"], "--model": "{out}/rr.pt", "--cands_dir": cands,
-                           "--epochs": 0, "--num_workers": 0}, root)
+    reranker = table_argv("K", {"--model": "{out}/rr.pt", "--cands_dir": cands, "--epochs": 0},
+                          root)
     code, lines, _ = run_in_process(SCRIPTS["K"], reranker, capfd)
-    assert code == 2 and len(lines) == 1 and f"{cands}/candidates_val.json" in lines[0], lines
+    assert_refused(code, lines, [f"{cands}/candidates_val.json"])
     code, lines, _ = run_in_process(SCRIPTS["S"], argv, capfd)
     assert code == 0, lines
     code, lines, _ = run_in_process(SCRIPTS["K"], reranker, capfd)
@@ -151,9 +147,8 @@ def test_a_signal_in_training_stops_cleanly_and_resume_continues(paths, tmp_path
     proc = start_script(SCRIPTS[script], *argv)
     try:
         wait_for(proc, log_says(model, "epoch 2 step"), "epoch 2 training")
-        code, lines, _ = run_in_process(SCRIPTS[script], argv, capfd)
-        assert code == 2 and len(lines) == 1, lines
-        assert f"{model}.lock" in lines[0] and f"pid {proc.pid}" in lines[0], lines[0]
+        code, lines, stdout = run_in_process(SCRIPTS[script], argv, capfd)
+        assert_refused(code, lines, [f"{model}.lock", f"pid {proc.pid}"], stdout=stdout)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -271,33 +266,32 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(paths, tmp_path, whic
     assert not leftovers(str(tmp_path))
 
 
-def test_save_candidates_killed_over_another_runs_candidates(paths, tmp_path, capfd):
+def test_save_candidates_killed_over_another_runs_candidates(paths, retriever, tmp_path,
+                                                             capfd):
     """save_candidates.py --overwrite with another checkpoint, killed once it has replaced the
     train candidates: the reranker refuses the folder (files of two runs) in one line; the same
     command again completes it (clearing the killed run's leftovers), and the reranker takes
     it."""
     root = {**paths, "out": str(tmp_path)}
-    for name, seed in (("a.pt", 42), ("b.pt", 43)):  # untrained: the seed alone differs
-        code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
-            {**BASE["R"], "--model": f"{tmp_path}/{name}", "--epochs": 0, "--seed": seed},
-            root), capfd)
-        assert code == 0, lines
+    # b.pt: untrained as `retriever` (seed 42), the seed alone differs
+    code, lines, _ = run_in_process(SCRIPTS["R"], flags_argv(
+        {**BASE["R"], "--model": f"{tmp_path}/b.pt", "--epochs": 0, "--seed": 43}, root), capfd)
+    assert code == 0, lines
     cands = str(tmp_path / "cands")
     code, lines, _ = run_in_process(SCRIPTS["S"], flags_argv(
-        {**BASE["S"], "--model": f"{tmp_path}/a.pt", "--num_cands": 4}, root), capfd)
+        {**BASE["S"], "--model": retriever, "--num_cands": 4}, root), capfd)
     assert code == 0, lines
     argv = flags_argv({**BASE["S"], "--model": f"{tmp_path}/b.pt", "--num_cands": 4,
                        "--overwrite": True}, root)
     r = run_with_fault(SCRIPTS["S"], argv, signal.SIGKILL, 3)  # in the val file
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert len(leftovers(cands)) == 2, leftovers(cands)  # a temporary file and the lock
-    reranker = flags_argv({**BASE["K"], "--model": "{out}/rr.pt", "--cands_dir": cands,
-                           "--epochs": 0, "--num_workers": 0}, root)
+    reranker = table_argv("K", {"--model": "{out}/rr.pt", "--cands_dir": cands, "--epochs": 0},
+                          root)
     before = tree(str(tmp_path))
     code, lines, stdout = run_in_process(SCRIPTS["K"], reranker, capfd)
-    assert code == 2 and len(lines) == 1, lines
-    assert "different runs of save_candidates.py" in lines[0] and cands in lines[0], lines[0]
-    assert tree(str(tmp_path)) == before
+    assert_refused(code, lines, ["different runs of save_candidates.py", cands],
+                   [str(tmp_path)], [before], stdout)
 
     code, lines, _ = run_in_process(SCRIPTS["S"], argv, capfd)
     assert code == 0, lines
@@ -327,8 +321,8 @@ def test_a_refusal_in_a_real_process(paths, retriever, tmp_path, script):
     test.write_text("".join(lines[:2] + [lines[2][:-6] + "\n"] + lines[3:]))  # cut in a string
     out = tmp_path / "out"
     root = {**paths, "out": str(out), "ckpt": retriever}
-    flag = {"R": "--data_dir", "S": "--data_dir", "K": "--data"}[script]
-    r = run_script(SCRIPTS[script], *flags_argv({**BASE[script], flag: str(bad)}, root))
+    r = run_script(SCRIPTS[script], *flags_argv({**BASE[script], DATA_FLAG[script]: str(bad)},
+                                                root))
     lines = stderr_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"error: {test}:3: malformed JSON"), lines
@@ -410,7 +404,7 @@ def test_an_output_fault_is_one_line_naming_the_file(paths, retriever, tmp_path,
         for word in words:
             assert word.format(**root) in lines[0], lines[0]
         left = [os.path.join(d, n) for d, _, ns in os.walk(out) for n in ns]
-        assert not [n for n in left if n.endswith((".tmp", ".lock"))], left
+        assert not leftovers(out), left
         for name in left:  # what is there is whole
             if name.endswith((".pt", ".last")):
                 torch.load(name, weights_only=True)

@@ -5,15 +5,13 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
-import time
 from collections import Counter, defaultdict
 
 import pytest
 
 import demo
-from conftest import ROOT, SCRIPT_ENV, assert_refused, run_in_process, run_script, tree
+from conftest import (assert_refused, leftovers, run_in_process, run_script, start_script, tree,
+                      wait_for)
 from run_safety import Outputs
 from data_loader import Zeshel
 from toy_world import DEMO_WORLDS, make_demo_world
@@ -248,13 +246,9 @@ def test_a_stop_signal_to_the_demo_stops_its_runs_and_leaves_nothing_training(tm
     demo waits for them and ends in one line, status 128 + the signal; no process is left, no
     lock and no temporary file."""
     out = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo.py"), "--out", str(out),
-                             "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **SCRIPT_ENV})
+    proc = start_script("demo.py", "--out", out, "--quiet")
     logs = [out / "compare" / f"{arm}_seed1.pt.log" for arm in demo.NEGATIVES]
-    deadline = time.time() + 600
-    while not all(p.exists() for p in logs) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(proc, lambda: all(p.exists() for p in logs), "the two runs of seed 1", timeout=600)
     running = children(proc.pid)
     assert len(running) == 2, running
     proc.send_signal(signum)
@@ -267,4 +261,4 @@ def test_a_stop_signal_to_the_demo_stops_its_runs_and_leaves_nothing_training(tm
     assert "Traceback" not in err and err.count(f"stopped by {name}") == 3  # the runs' and its
     for pid in running:
         assert not os.path.exists(f"/proc/{pid}"), f"run {pid} is still there"
-    assert [p for p in out.rglob("*") if p.name.endswith((".tmp", ".lock"))] == []
+    assert not leftovers(out), leftovers(out)

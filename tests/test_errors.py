@@ -21,7 +21,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (DATA_FLAG, Text, assert_refused, run_table_row, swap_lines,
+from conftest import (DATA_FLAG, Text, assert_refused, read_jsonl, run_table_row, swap_lines,
                       table_row as row)
 from run_safety import RECORD
 
@@ -140,11 +140,6 @@ def break_copy(src, dst, rel, index, edit, names):
         lines[index] = new if isinstance(new, bytes) else new.encode()
     with open(path, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def mix_runs(a, b, out, name):

@@ -16,16 +16,11 @@ import link
 import main_reranker
 import main_retriever
 import save_candidates
-from conftest import fails_with
+from conftest import fails_with, read_jsonl
 from reranker import linking_accuracy
 
 K = 4  # candidates per mention, and the reranker's --C / --C_eval
 CHUNK = "20"  # --entity_bsz: chunks of 20, 20, 20, 12 in each world of 72 entities
-
-
-def rows_of(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def run(main, argv, capsys=None):
@@ -82,8 +77,8 @@ def candidate_ids(row):
 
 def test_zeshel_rows_get_save_candidates_candidates_and_a_second_call_reuses_the_index(
         trained, linked, capsys):
-    expected = rows_of(os.path.join(trained["cands"], "candidates_test.json"))
-    got = rows_of(linked)
+    expected = read_jsonl(os.path.join(trained["cands"], "candidates_test.json"))
+    got = read_jsonl(linked)
     assert [r["id"] for r in got] == [r["mention_id"] for r in expected]
     assert [candidate_ids(r) for r in got] == [r["candidates"] for r in expected]
     for r in got:  # best first, each with its title and score; linked is the top one
@@ -97,8 +92,8 @@ def test_zeshel_rows_get_save_candidates_candidates_and_a_second_call_reuses_the
     err = run(link.main, link_argv(trained, mentions="val", out=out), capsys)
     assert "reusing the entity index" in err and "building" not in err
     assert os.stat(vectors).st_mtime_ns == before
-    expected = rows_of(os.path.join(trained["cands"], "candidates_val.json"))
-    assert [candidate_ids(r) for r in rows_of(out)] == [r["candidates"] for r in expected]
+    expected = read_jsonl(os.path.join(trained["cands"], "candidates_val.json"))
+    assert [candidate_ids(r) for r in read_jsonl(out)] == [r["candidates"] for r in expected]
 
 
 def test_the_index_holds_every_entity_encoded_as_the_retriever_encodes_it(trained, linked):
@@ -136,7 +131,7 @@ def test_store_en_hiddens_writes_the_same_index_and_ranks_the_same_candidates(tr
             open(os.path.join(trained["index"], entity_index.VECTORS), "rb") as b:
         assert a.read() == b.read()  # the vectors link.py stored, bit for bit
     for split in ("train", "val", "test"):
-        assert rows_of(os.path.join(cands, f"candidates_{split}.json")) == rows_of(
+        assert read_jsonl(os.path.join(cands, f"candidates_{split}.json")) == read_jsonl(
             os.path.join(trained["cands"], f"candidates_{split}.json"))
     # over link.py's index: reused, and again the same candidates
     again = str(trained["out"] / "cands_reused")
@@ -144,16 +139,16 @@ def test_store_en_hiddens_writes_the_same_index_and_ranks_the_same_candidates(tr
                                         again])
     with open(os.path.join(again, "save_candidates.log")) as f:
         assert "reusing the entity index" in f.read()
-    assert rows_of(os.path.join(again, "candidates_test.json")) == rows_of(
+    assert read_jsonl(os.path.join(again, "candidates_test.json")) == read_jsonl(
         os.path.join(trained["cands"], "candidates_test.json"))
 
 
 def test_reranked_linked_gives_main_reranker_test_accuracy(trained, linked):
     out = str(trained["out"] / "reranked.jsonl")
     run(link.main, link_argv(trained, "--reranker", trained["rr"], out=out))
-    got = rows_of(out)
-    mentions = rows_of(os.path.join(trained["data"], "mentions", "test.json"))
-    unranked = rows_of(linked)
+    got = read_jsonl(out)
+    mentions = read_jsonl(os.path.join(trained["data"], "mentions", "test.json"))
+    unranked = read_jsonl(linked)
     for r, plain in zip(got, unranked):  # the same k candidates, re-sorted by the reranker
         assert sorted(candidate_ids(r)) == sorted(candidate_ids(plain))
         scores = [c["reranker_score"] for c in r["candidates"]]
@@ -192,7 +187,7 @@ def test_reranked_linked_gives_main_reranker_test_accuracy(trained, linked):
 
 
 def test_blink_rows_typed_text_and_the_python_api_agree(trained, linked, capsys, monkeypatch):
-    mentions = rows_of(os.path.join(trained["data"], "mentions", "test.json"))[:12]
+    mentions = read_jsonl(os.path.join(trained["data"], "mentions", "test.json"))[:12]
     docs = entity_index.read_entities(os.path.join(trained["data"], "documents")).documents
     blink = []
     for m in mentions:
@@ -205,8 +200,8 @@ def test_blink_rows_typed_text_and_the_python_api_agree(trained, linked, capsys,
     path.write_text("".join(json.dumps(r) + "\n" for r in blink))
     out = str(trained["out"] / "blink_out.jsonl")
     run(link.main, link_argv(trained, "--mentions", path, mentions=None, out=out))
-    assert [candidate_ids(r) for r in rows_of(out)] == [candidate_ids(r) for r in
-                                                        rows_of(linked)[:12]]
+    assert [candidate_ids(r) for r in read_jsonl(out)] == [candidate_ids(r) for r in
+                                                        read_jsonl(linked)[:12]]
     # without a world: ranked over all 504 entities; typed text with the mention in [[ ]]
     pooled = [{k: v for k, v in r.items() if k != "world"} for r in blink]
     linker = link.Linker(trained["ret"], trained["index"], entity_bsz=int(CHUNK))
@@ -221,13 +216,13 @@ def test_blink_rows_typed_text_and_the_python_api_agree(trained, linked, capsys,
         m["mention_id"] for m in mentions]
     assert [r["candidates"] for r in printed] == [r["candidates"] for r in api]
     assert all(r["world"] is None for r in api + printed)
-    own = rows_of(out)  # the best of all entities scores at least the best of the own world
+    own = read_jsonl(out)  # the best of all entities scores at least the best of the own world
     assert all(p["candidates"][0]["retriever_score"] >= o["candidates"][0]["retriever_score"]
                for p, o in zip(api, own))
     unnamed = linker.link([{k: v for k, v in pooled[1].items() if k != "id"}], k=K)[0]
     assert unnamed["id"] == 1 and unnamed["candidates"] == api[1]["candidates"]
     scores = linker.link(blink, k=K)
-    assert [r["candidates"] for r in scores] == [r["candidates"] for r in rows_of(out)]
+    assert [r["candidates"] for r in scores] == [r["candidates"] for r in read_jsonl(out)]
 
 
 def copy_index(trained, name):
@@ -250,7 +245,7 @@ def test_an_index_of_another_retriever_or_other_entities_is_refused_and_overwrit
                "another retriever", "--overwrite")
     world = os.path.join(trained["data"], "documents", "frost_fjord.json")
     few = trained["out"] / "frost_fjord_mentions.jsonl"  # mentions of that world alone
-    few.write_text("".join(json.dumps(m) + "\n" for m in rows_of(argv[argv.index(
+    few.write_text("".join(json.dumps(m) + "\n" for m in read_jsonl(argv[argv.index(
         "--mentions") + 1]) if m["corpus"] == "frost_fjord"))
     fails_with(link.main, capsys, argv + ["--entities", world, "--mentions", few], "--entities",
                "other entities")
@@ -290,7 +285,7 @@ def test_an_interrupted_build_leaves_no_index_a_later_call_uses(trained, linked,
     err = run(link.main, argv, capsys)
     assert "incomplete entity index" in err and "building it anew" in err
     assert entity_index.read_manifest(index) is not None
-    assert rows_of(str(trained["out"] / "interrupted.jsonl")) == rows_of(linked)
+    assert read_jsonl(str(trained["out"] / "interrupted.jsonl")) == read_jsonl(linked)
 
 
 def test_an_index_the_free_space_cannot_hold_is_refused_before_anything_is_written(
@@ -324,7 +319,7 @@ def test_main_retriever_still_takes_the_original_flags_and_says_they_do_nothing_
 def test_mistakes_are_one_line_and_write_nothing(trained, linked, capsys, monkeypatch, case):
     out = trained["out"] / f"mistake_{case.replace(' ', '_')}"
     out.mkdir()
-    test_rows = rows_of(os.path.join(trained["data"], "mentions", "test.json"))
+    test_rows = read_jsonl(os.path.join(trained["data"], "mentions", "test.json"))
     bad = out / "mentions.jsonl"
 
     def mentions(row):

@@ -336,23 +336,21 @@ def test_gumbel_top_k_is_independent_of_chunking_in_distribution():
     assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()
 
 
-def entity_rows(cands, world_size, rank_entities):
-    """The entity of each row of the batch's entity vectors of each process (Retriever.forward's
-    layout): every process's shared entities in rank order, then its own others."""
-    shared = torch.cat([c.entities[:c.shared[r]] for r, c in enumerate(rank_entities)]) \
+def entity_rows(rank, shares):
+    """The entity of each row of the batch's entity vectors of process `rank` (Retriever.forward's
+    layout), from every process's BatchCandidates `shares`: every process's shared entities in
+    rank order, then its own others."""
+    cands = shares[rank]
+    shared = torch.cat([c.entities[:c.shared[r]] for r, c in enumerate(shares)]) \
         if cands.shared is not None else torch.zeros(0, dtype=torch.long)
-    own = cands.entities[cands.shared[cands.rank] if cands.shared is not None else 0:]
+    own = cands.entities[cands.shared[rank] if cands.shared is not None else 0:]
     return torch.cat([shared, own])
 
 
 def process_shares(negatives, batch, seed, world_size):
     """Each process's BatchCandidates of `batch` (the random draws from the same seed in all)."""
-    shares = []
-    for rank in range(world_size):
-        c = negatives.batch(batch, torch.Generator().manual_seed(seed), rank, world_size)
-        c.rank = rank
-        shares.append(c)
-    return shares
+    return [negatives.batch(batch, torch.Generator().manual_seed(seed), rank, world_size)
+            for rank in range(world_size)]
 
 
 @pytest.mark.parametrize("type_cands", ["mixed_negative", "hard_negative",
@@ -391,8 +389,8 @@ def test_epoch_negatives_are_what_type_cands_asks_for(type_cands):
     for world_size, window in [(w, x) for w in (1, 2) for x in windows]:
         negatives.distinct = window == "distinct"  # --entity_windows
         shares = process_shares(negatives, batch, 1, world_size)
-        for c in shares:
-            rows = entity_rows(c, world_size, shares)                # (rows,) entity of each row
+        for rank, c in enumerate(shares):
+            rows = entity_rows(rank, shares)                         # (rows,) entity of each row
             if window == "distinct":
                 assert len(set(c.entities.tolist())) == len(c.entities)  # encoded once each
             else:  # the original's: a window per candidate, in order
@@ -477,8 +475,8 @@ def test_batch_loss_and_gradient_do_not_depend_on_the_processes(type_cands):
     for world_size in (1, 2, 3):
         shares = process_shares(negatives, batch, 5, world_size)
         loss = 0
-        for c in shares:
-            rows = entity_rows(c, world_size, shares)
+        for rank, c in enumerate(shares):
+            rows = entity_rows(rank, shares)
             loss = loss + nce_loss(batch_scores(SCORERS["sum_max"], u[c.mentions], v[rows],
                                                 c.index)) / world_size
         results.append((loss.detach(), *torch.autograd.grad(loss, (u, v))))

@@ -6,6 +6,7 @@ temporary files are cleared by the next run; a loss gone non-finite stops the ru
 of the epoch saved. Every run is a script's main() in this process; real processes and signals
 are tests/test_crash_safety.py's."""
 import builtins
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -22,8 +23,8 @@ import torch
 import run_safety
 import training
 from cli import UserError
-from conftest import (TABLE_SCRIPTS, Text, assert_refused, read_json, run_in_process,
-                      run_table_row, table_argv, table_row as row, tree)
+from conftest import (ROOT, TABLE_SCRIPTS, Text, assert_refused, leftovers, read_json,
+                      run_in_process, run_table_row, table_argv, table_row as row, tree)
 from run_safety import RECORD
 
 
@@ -232,7 +233,7 @@ def test_accepted(world, tmp_path, capfd, monkeypatch, request, script, flags, f
     check = CHECKS.get(request.node.callspec.id)
     if check:
         check(out, paths, stdout)
-    assert not [n for _, _, ns in os.walk(out) for n in ns if n.endswith((".tmp", ".lock"))]
+    assert not leftovers(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +348,8 @@ def test_a_stop_signal_waits_for_the_write_in_progress(tmp_path, signum):
     path = outputs.add(str(tmp_path / "candidates_val.json"))
     outputs.start()
     outputs.claim({"tool": "test"})
-    previous = signal.signal(signum, run_safety._on_signal)
+    saved = {s: signal.getsignal(s) for s in run_safety.STOP_SIGNALS}
+    signal.signal(signum, run_safety._on_signal)
     try:
         def rows():
             for i in range(1000):
@@ -357,9 +359,8 @@ def test_a_stop_signal_waits_for_the_write_in_progress(tmp_path, signum):
         with pytest.raises(run_safety.Stopped) as e:
             outputs.write_lines(rows(), path)
     finally:
-        for s in run_safety.STOP_SIGNALS:
-            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else
-                          signal.SIG_DFL if s != signum else previous)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
     assert e.value.name == signal.Signals(signum).name
     with open(path) as f:
         assert len(f.readlines()) == 1000
@@ -379,7 +380,7 @@ def test_a_data_loader_worker_leaves_the_stop_to_the_main_process():
             "          ValueError('other')):\n"
             "    sys.excepthook(type(e), e, None)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == ["ValueError: other"], r.stderr
 
@@ -397,30 +398,32 @@ def test_a_killed_runs_lock_and_temporary_files_are_cleared(world, tmp_path, cap
     argv = table_argv("R", {"--resume_training": True}, paths)
     code, lines, _ = run_in_process("main_retriever.py", argv, capfd)
     assert code == 0, lines
-    assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".lock"))], os.listdir(out)
+    assert not leftovers(out), os.listdir(out)
 
-    fd = os.open(out / "m.pt.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live run holds it
-    os.write(fd, b"pid 4242 on elsewhere\n")
-    try:
+    with held_lock(out / "m.pt.lock", b"pid 4242 on elsewhere\n"):  # a live run holds it
         before = tree(str(out))
         code, lines, stdout = run_in_process("main_retriever.py", argv, capfd)
         assert_refused(code, lines, ["--model", f"{out}/m.pt.lock", "pid 4242 on elsewhere",
                                      "another run is writing there"], [str(out)], [before],
                        stdout)
-    finally:
-        os.close(fd)
     cands = tmp_path / "cands"  # save_candidates.py: the lock of its folder
     shutil.copytree(world["saved_cands"], cands)
-    fd = os.open(cands / "candidates.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, b"pid 4343 on elsewhere\n")
-    try:
+    with held_lock(cands / "candidates.lock", b"pid 4343 on elsewhere\n"):
         before = tree(str(cands))
         code, lines, stdout = run_in_process("save_candidates.py", table_argv(
             "S", {"--cands_dir": str(cands)}, paths), capfd)
         assert_refused(code, lines, ["--cands_dir", f"{cands}/candidates.lock", "pid 4343"],
                        [str(cands)], [before], stdout)
+
+
+@contextlib.contextmanager
+def held_lock(path, holder):
+    """A live run's lock at `path`: held (flock), `holder` written in it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, holder)
+        yield
     finally:
         os.close(fd)
 

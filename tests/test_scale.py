@@ -7,7 +7,6 @@ and the peak of Python allocations (tracemalloc) per entity and mention. A step 
 Python over all entities for every mention, or keeps a copy per mention, multiplies them by about
 4 from F to 4F; linear work keeps them level (or lower: fixed costs spread over more items).
 """
-import json
 import os
 import sys
 import tracemalloc
@@ -15,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import write_candidates
+from conftest import read_jsonl, write_candidates
 
 SMALL, LARGE = 0.002, 0.008
 
@@ -28,19 +27,14 @@ def scaled(tmp_path_factory):
             (SMALL, LARGE)}
 
 
-def read_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_scaled_world_has_the_real_structure(scaled):
     from toy_world import ZESHEL_WORLDS, scaled_count
     data_dir, _, counts = scaled[LARGE]
     for split, worlds in ZESHEL_WORLDS.items():
-        mentions = read_lines(os.path.join(data_dir, "mentions", f"{split}.json"))
+        mentions = read_jsonl(os.path.join(data_dir, "mentions", f"{split}.json"))
         per_world = Counter(m["corpus"] for m in mentions)
         for world, (n_entities, n_mentions) in worlds.items():
-            docs = read_lines(os.path.join(data_dir, "documents", f"{world}.json"))
+            docs = read_jsonl(os.path.join(data_dir, "documents", f"{world}.json"))
             assert len(docs) == scaled_count(n_entities, LARGE) == counts[world][1]
             assert per_world[world] == scaled_count(n_mentions, LARGE) == counts[world][2]
             texts = {d["document_id"]: d["text"].split() for d in docs}
@@ -52,7 +46,7 @@ def test_scaled_world_has_the_real_structure(scaled):
                 assert m["text"] == " ".join(tokens[m["start_index"]:m["end_index"] + 1])
     ids = [m["mention_id"] for s in ("train", "heldout_train_seen", "heldout_train_unseen", "val",
                                      "test")
-           for m in read_lines(os.path.join(data_dir, "mentions", f"{s}.json"))]
+           for m in read_jsonl(os.path.join(data_dir, "mentions", f"{s}.json"))]
     assert len(ids) == len(set(ids))
 
 

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_refused, fails_with, read_json, run_in_process, tree
+from conftest import (ROOT, assert_refused, fails_with, leftovers, read_json, run_in_process,
+                      start_script, tree, wait_for)
 
 import main_retriever
 import sweep
@@ -271,13 +272,9 @@ def test_a_stop_signal_to_the_sweep_stops_its_run_whole_and_the_sweep_continues_
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "sweep"
     argv = sweep_argv(toy, out, ("dual_p50",)) + ["--epochs", "4"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sweep.py"), *argv], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = start_script("sweep.py", *argv)
     results = out / "dual_p50.pt.results.json"
-    deadline = time.time() + 600
-    while not results.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(proc, results.exists, "epoch 1 of dual_p50 saved", timeout=600)
     proc.send_signal(signum)  # to the sweep alone, while its run trains epoch 2
     err = proc.communicate(timeout=600)[1]
     assert proc.returncode == 128 + signum, err[-3000:]
@@ -286,8 +283,7 @@ def test_a_stop_signal_to_the_sweep_stops_its_run_whole_and_the_sweep_continues_
                                            f"file it was writing; running the same sweep again "
                                            f"continues it")
     assert "Traceback" not in err and f"stopped by {name} after epoch" in err
-    left = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".lock"))]
-    assert left == []
+    assert not leftovers(out), leftovers(out)
     stopped = read_json(results)
     assert stopped["test"] is None and [e["epoch"] for e in stopped["val"]][0] == 1
     state = torch.load(out / "dual_p50.pt.last", weights_only=True)
