@@ -76,6 +76,10 @@ class ArgumentParser(argparse.ArgumentParser):
         skip = self.free | self.paths | self.compat
         return {k: v for k, v in vars(args).items() if k not in skip}
 
+    def defaults(self):
+        """{flag: default} of every flag: what a run that lacks a flag counts it as."""
+        return {a.dest: a.default for a in self._actions}
+
     def recorded(self, args):
         """{flag: value} of every flag but the compatibility flags: what a checkpoint records."""
         return {k: v for k, v in vars(args).items() if k not in self.compat}

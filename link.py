@@ -15,8 +15,9 @@ built, `--entities` may be left out: the manifest names the files.
 `start_index`, `end_index`, `corpus`: the context is that document of `--entities`, and the
 candidates come from the mention's own world, as save_candidates.py ranks them) or a BLINK row
 (`context_left`, `mention`, `context_right`, optional `id` and `world`: ranked over all entities,
-or the named world's; without an id, a mention is numbered by its place in the input). Without it, lines typed on standard input with the mention in [[double
-brackets]] (each pair of brackets is one mention; ranked over all entities).
+or the named world's; without an id, a mention is numbered by its place in the input). Without
+it, lines typed on standard input with the mention in [[double brackets]] (each pair of brackets
+is one mention; ranked over all entities).
 
 Output (`--out`, else standard output): one JSON line per mention in input order, `{"id",
 "mention", "world", "candidates": [{"document_id", "title", "retriever_score"}, ...] best first,
@@ -257,9 +258,10 @@ class Linker:
     def parse(self, rows, source="mentions"):
         """Mentions to link, checked: each row a Zeshel mention row, a BLINK row (module
         docstring; its `id` may be left out) or a string of typed text with [[marked]] mentions;
-        a mention without an id is numbered by its place in the input, from 1. A row without its fields, with a span outside its
-        document or naming an unknown world stops with one line naming `source` and the row
-        (file:line for a file's rows). Returns the parsed mentions (dicts)."""
+        a mention without an id is numbered by its place in the input, from 1. A row without its
+        fields, with a span outside its document or naming an unknown world stops with one line
+        naming `source` and the row (file:line for a file's rows). Returns the parsed mentions
+        (dicts)."""
         out = []
         for i, row in enumerate(rows):
             if isinstance(row, dict) and "_mention" in row:  # parsed already
@@ -523,7 +525,7 @@ def main(argv=None):
             inputs["mentions"] = sha
         outputs.claim({"tool": "link", "flags": parser.defining(args), "inputs": {
             k: {"path": absolute(getattr(args, k, None) or ""), "content": {"sha256": v}}
-            for k, v in inputs.items()}}, defaults={a.dest: a.default for a in parser._actions})
+            for k, v in inputs.items()}}, defaults=parser.defaults())
     linker.build()  # says what it does with the index, once every check has passed
     if mentions is None:  # a terminal: each line linked as it is typed
         count = 0

@@ -402,7 +402,7 @@ def setting_notes(r, script, reference):
     parser = module.build_parser()
     ref_args = parser.parse_args(reference)
     ref = parser.defining(ref_args)
-    defaults = {a.dest: a.default for a in parser._actions}
+    defaults = parser.defaults()
     run_args = argparse.Namespace(**{**defaults, **r.flags})
     ignored = {name for name, is_ignored, _ in getattr(module, "IGNORED_BY_MODE", ())
                if is_ignored(run_args)}

@@ -189,7 +189,7 @@ def save_candidates(args, rt, parser, outputs):
         "data_dir": {"path": absolute(args.data_dir), "content": zeshel.fingerprint()},
         "pretrained": {"path": absolute(args.pretrained),
                        "content": {k: fingerprint[k] for k in ("config", "vocabulary")}}}}
-    if outputs.claim(description, defaults={a.dest: a.default for a in parser._actions}):
+    if outputs.claim(description, defaults=parser.defaults()):
         notice(f"{args.cands_dir} holds the candidates of this checkpoint and these flags "
                f"already; writing them again")
     open_log_file(log)  # every check passed

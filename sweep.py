@@ -100,7 +100,7 @@ def differences(parser, argv, description):
     the path recorded."""
     args = parser.parse_args(argv)
     now, was = parser.defining(args), description.get("flags") or {}
-    defaults = {a.dest: a.default for a in parser._actions}
+    defaults = parser.defaults()
     for flag in sorted(set(now) | set(was)):
         new, old = now.get(flag, defaults.get(flag)), was.get(flag, defaults.get(flag))
         if new is None and defaults.get(flag) is None:

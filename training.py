@@ -391,7 +391,7 @@ class TrainingRun:
             self.state, self.sha = load_checkpoint(last, "--resume_training", script,
                                                    REQUIRED["last"])
             refuse(*compare_runs(self.described(self.state), self.describe({}),
-                                 self.defaults(), True), last, resume=True)
+                                 self.parser.defaults(), True), last, resume=True)
         self.outputs = Outputs(script, args.overwrite, lock=args.model + ".lock", resumable=True)
         for role, path in self.paths.items():
             self.outputs.add(path, "--model", role)
@@ -401,9 +401,6 @@ class TrainingRun:
         self.results, self.inputs = results, {}
         self.quiet = args.quiet or not rt.is_main
         self.clock = StageClock(self.log)  # one log line per stage: time, peak memory, bytes
-
-    def defaults(self):
-        return {a.dest: a.default for a in self.parser._actions}
 
     def describe(self, inputs):
         """This run: its script, the flags that define it and its inputs ({flag: what the input
@@ -430,15 +427,15 @@ class TrainingRun:
         last, state = self.paths["last"], self.state
         self.inputs = inputs
         if state is None:
-            if self.outputs.claim(self.describe(inputs), defaults=self.defaults()):
+            if self.outputs.claim(self.describe(inputs), defaults=self.parser.defaults()):
                 notice(f"{self.paths['best']} holds a run with these flags and inputs; this run "
                        f"starts it again and replaces its files (--resume_training continues it)")
         else:  # a resumed run loads every weight from .last, none from the pretrained encoder
             now = self.describe({k: {p: v for p, v in fp.items() if p != "weights"}
                                  for k, fp in inputs.items()})
-            refuse(*compare_runs(self.described(state), now, self.defaults(), True), last,
+            refuse(*compare_runs(self.described(state), now, self.parser.defaults(), True), last,
                    resume=True)
-            self.outputs.claim(now, last, self.defaults(), {last: self.sha})
+            self.outputs.claim(now, last, self.parser.defaults(), {last: self.sha})
         open_log_file(self.log)
         if state is not None:
             load_weights(model, state["model"], last, "--resume_training")
