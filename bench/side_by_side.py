@@ -74,6 +74,21 @@ def make_world_for_comparison(out_dir, seed=DATA_SEED):
     return data, bert
 
 
+def comparison_world(out_dir):
+    """out_dir/data and out_dir/bert, written by make_world_for_comparison unless already there."""
+    data, bert = os.path.join(out_dir, "data"), os.path.join(out_dir, "bert")
+    if not os.path.isdir(data):
+        make_world_for_comparison(out_dir)
+    return data, bert
+
+
+def reference_command(args):
+    """The 2021 code's main_retriever.py (args.reference), run by args.python2021 on current
+    libraries through bench/reference_runner.py; its BERT is the env's ORIG_BERT."""
+    return [args.python2021, os.path.join(ROOT, "bench", "reference_runner.py"), args.reference,
+            "main_retriever.py"]
+
+
 def our_commit():
     """The last commit of our checkout that changed anything outside bench/ (what ran), marked
     `+changes` when tracked files outside bench/ differ from it."""
@@ -100,8 +115,7 @@ def run_one(mode, seed, args, data, bert):
     common = ["--model", model, "--data_dir", data, *FLAGS, "--seed", str(seed)]
     env = {**os.environ, **ENV}
     if mode == "2021":
-        cmd = [args.python2021, os.path.join(ROOT, "bench", "reference_runner.py"),
-               args.reference, "main_retriever.py", *common]
+        cmd = [*reference_command(args), *common]
         env["ORIG_BERT"] = bert
         code = "2021"
     else:
@@ -187,11 +201,7 @@ def main(argv=None):
     if bool(args.data) != bool(args.bert):
         p.error("give --data and --bert together")
     args.out = os.path.abspath(args.out)
-    data, bert = args.data, args.bert
-    if not data:
-        data, bert = os.path.join(args.out, "data"), os.path.join(args.out, "bert")
-        if not os.path.isdir(data):
-            make_world_for_comparison(args.out)
+    data, bert = (args.data, args.bert) if args.data else comparison_world(args.out)
     data, bert = os.path.abspath(data), os.path.abspath(bert)
     results = [run_one(m, s, args, data, bert) for m in args.modes for s in args.seeds]
     print(table(results, args.modes, args.seeds))

@@ -115,18 +115,19 @@ def record_ours(path, argv):
     batch = retriever.EpochNegatives.batch
 
     def recorded(self, mentions, stream, rank=0, world_size=1):
-        own, cands, log_q = batch(self, mentions, stream, rank, world_size)
+        c = batch(self, mentions, stream, rank, world_size)  # retriever.BatchCandidates
         if stream is not last[0]:  # a new stream: a new epoch
             last[0] = stream
             epochs.append([])
             hard.append(None if self.hard is None else self.hard.tolist())
-        golds = self.golds[mentions]
+        golds = self.golds[c.mentions]
+        cands = c.entities[c.index]  # (b, 1 + C) entity ids, gold first (no in-batch negatives)
         drawn = cands[:, 1:1 + self.num_rands]
         positions = drawn - (drawn > golds[:, None]).long()
-        for m, g, d, j in zip(mentions.tolist(), golds.tolist(), drawn.tolist(),
+        for m, g, d, j in zip(c.mentions.tolist(), golds.tolist(), drawn.tolist(),
                               positions.tolist()):
             epochs[-1].append({"mention": m, "gold": g, "drawn": d, "positions": j})
-        return own, cands, log_q
+        return c
     retriever.EpochNegatives.batch = recorded
     try:
         train(argv)
@@ -139,13 +140,12 @@ def check_stream(args, data, bert, epochs=(1, 2, 3)):
     """Run both codes once with --seed args.seed, recording their random negatives; lines
     comparing them position by position."""
     from data_loader import Zeshel
-    from side_by_side import ENV, FLAGS
+    from side_by_side import ENV, FLAGS, reference_command
     folder = os.path.join(args.out, "checks", f"stream-s{args.seed}")
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, **ENV}
     common = ["--data_dir", data, *FLAGS, "--seed", str(args.seed)]
-    runs = {"2021": [args.python2021, os.path.join(ROOT, "bench", "reference_runner.py"),
-                     args.reference, "main_retriever.py"],
+    runs = {"2021": reference_command(args),
             "ours": [sys.executable, os.path.abspath(__file__), "--record"]}
     for code, cmd in runs.items():
         model = os.path.join(folder, f"{code}.pt")
@@ -196,7 +196,7 @@ def check_stream(args, data, bert, epochs=(1, 2, 3)):
 
 
 def main(argv=None):
-    from side_by_side import make_world_for_comparison
+    from side_by_side import comparison_world
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference", required=True)
     p.add_argument("--python2021", required=True)
@@ -205,9 +205,7 @@ def main(argv=None):
     p.add_argument("--no_stream", action="store_true", help="skip the stream check")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
-    data, bert = os.path.join(args.out, "data"), os.path.join(args.out, "bert")
-    if not os.path.isdir(data):
-        make_world_for_comparison(args.out)
+    data, bert = comparison_world(args.out)
     from data_loader import Zeshel
     from retriever import encode_retriever_split, load_retriever
     ref = reference_side(args, data, bert)
